@@ -1,0 +1,385 @@
+"""The four real servers of the local stack: Mosquitto, a Kafka broker, PostgreSQL, Prometheus.
+
+Each class knows how to install-check, configure, start, health-check and stop its
+server under the stack's state folder. Nothing here is a mock: these are the same
+binaries production runs (Kafka aside: locally a Kafka-protocol broker from PyPI,
+``noida-db``; see ``../shared/platform-notes.md`` for why not tansu).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from cityops.settings import PROJECT_ROOT, Settings
+from cityops.stack.process import (
+    ManagedProcess,
+    StackError,
+    port_open,
+    require,
+    wait_until,
+)
+
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion from sync code, even inside a running event loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+PG_BIN_DIRS = [f"/usr/lib/postgresql/{v}/bin" for v in (17, 16, 15)]
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    name: str
+    port: int
+    running: bool
+    healthy: bool
+    detail: str = ""
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _chown_tree(path: Path, user: str) -> None:
+    """Hand a folder to a service account when we run as root (servers drop privileges)."""
+    if not _as_root():
+        return
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, pw.pw_uid, pw.pw_gid)
+
+
+class Server:
+    name: str = ""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.dir = settings.state_dir / self.name
+        self.proc = ManagedProcess(self.name, settings.state_dir)
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    def check_installed(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def healthy(self) -> bool:
+        return port_open(self.settings.host, self.port)
+
+    def up(self) -> bool:
+        """Start if not already running and healthy; returns True if it was started now."""
+        self.check_installed()
+        if self.proc.pid is not None and self.healthy():
+            return False
+        if self.proc.pid is None and port_open(self.settings.host, self.port):
+            raise StackError(
+                f"{self.name}: port {self.port} on {self.settings.host} is taken by another "
+                f"process; set CITYOPS_{self.name.upper()}_PORT to a free port"
+            )
+        self.proc.stop()
+        self.start()
+        return True
+
+    def down(self) -> bool:
+        return self.proc.stop()
+
+    def status(self) -> Health:
+        running = self.proc.pid is not None
+        try:
+            healthy = running and self.healthy()
+            detail = ""
+        except Exception as exc:
+            healthy, detail = False, f"{type(exc).__name__}: {exc}"
+        return Health(self.name, self.port, running, healthy, detail)
+
+
+class Mosquitto(Server):
+    """Debian's Mosquitto with the project's own passwords, ACLs and persistence."""
+
+    name = "mqtt"
+
+    @property
+    def port(self) -> int:
+        return self.settings.mqtt_port
+
+    def check_installed(self) -> None:
+        require("mosquitto", "mosquitto", search=["/usr/sbin"])
+        require("mosquitto_passwd", "mosquitto")
+
+    def write_config(self) -> Path:
+        s = self.settings
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "data").mkdir(exist_ok=True)
+        passwd = self.dir / "passwd"
+        passwd.unlink(missing_ok=True)
+        tool = require("mosquitto_passwd", "mosquitto")
+        users = [(s.mqtt_sensor_user, s.mqtt_sensor_password),
+                 (s.mqtt_ingest_user, s.mqtt_ingest_password),
+                 (s.mqtt_admin_user, s.mqtt_admin_password)]
+        for i, (user, password) in enumerate(users):
+            args = [tool, "-b", str(passwd), user, password]
+            if i == 0:
+                args.insert(1, "-c")
+            subprocess.run(args, check=True, capture_output=True)
+        root = s.mqtt_topic_root
+        template = (PROJECT_ROOT / "deploy" / "mosquitto" / "acl").read_text()
+        (self.dir / "acl").write_text(template.format(
+            root=root, sensors=s.mqtt_sensor_user, ingest=s.mqtt_ingest_user,
+            ops=s.mqtt_admin_user))
+        conf_template = (PROJECT_ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+        conf = self.dir / "mosquitto.conf"
+        conf.write_text(conf_template.format(
+            host=s.host, port=s.mqtt_port, dir=self.dir, max_queued=s.mqtt_max_queued))
+        _chown_tree(self.dir, "mosquitto")
+        return conf
+
+    def start(self) -> None:
+        conf = self.write_config()
+        exe = require("mosquitto", "mosquitto", search=["/usr/sbin"])
+        self.proc.start([exe, "-c", str(conf)])
+        wait_until(self.healthy, 10, "mosquitto", self.proc)
+
+    def reload_acl(self) -> None:
+        import signal
+
+        if self.proc.pid:
+            os.kill(self.proc.pid, signal.SIGHUP)
+
+
+class KafkaBroker(Server):
+    """A Kafka-protocol broker from PyPI (noida-db), plus the project's topics."""
+
+    name = "kafka"
+
+    @property
+    def port(self) -> int:
+        return self.settings.kafka_port
+
+    def check_installed(self) -> None:
+        require("noida-db", "noida-db", "pip install 'noida-db==0.2.3' (in .venv)",
+                search=[str(Path(sys.executable).parent)])
+
+    def start(self) -> None:
+        exe = require("noida-db", "noida-db", "pip install 'noida-db==0.2.3'",
+                      search=[str(Path(sys.executable).parent)])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc.start([exe, "start", "--data-dir", str(self.dir), "--host", self.settings.host,
+                         "--only", "kafka", "--kafka-port", str(self.port)])
+        wait_until(self.healthy, 20, "kafka broker", self.proc)
+        run_sync(create_topics(self.settings))
+
+    def healthy(self) -> bool:
+        return port_open(self.settings.host, self.port)
+
+    def down(self) -> bool:
+        import signal
+
+        # SIGINT makes noida-db save its data before exiting (SIGKILL would lose the tail).
+        return self.proc.stop(timeout=20, sig=signal.SIGINT)
+
+
+async def create_topics(settings: Settings) -> None:
+    """Create the project's topics; existing ones are fine (error code 36 is "exists")."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
+                                request_timeout_ms=10_000)
+    await admin.start()
+    try:
+        t = settings.topics
+        cfg = {"retention.ms": str(settings.kafka_retention_ms)}
+        wanted = [
+            NewTopic(t.events, settings.kafka_partitions, 1, topic_configs=cfg),
+            NewTopic(t.deadletter, 3, 1, topic_configs=cfg),
+            NewTopic(t.aggregates, 3, 1, topic_configs=cfg),
+            NewTopic(t.alerts, 3, 1, topic_configs=cfg),
+        ]
+        existing = set(await admin.list_topics())
+        new = [nt for nt in wanted if nt.name not in existing]
+        if new:
+            resp = await admin.create_topics(new)
+            for err in getattr(resp, "topic_errors", []):
+                name, code = err[0], err[1]
+                if code not in (0, 36):
+                    raise StackError(f"kafka: creating topic {name} failed with error code {code}")
+    finally:
+        await admin.close()
+
+
+class Postgres(Server):
+    """A private PostgreSQL cluster (Debian binaries) with the project's schema migrated."""
+
+    name = "postgres"
+
+    @property
+    def port(self) -> int:
+        return self.settings.pg_port
+
+    def _bin(self, program: str) -> str:
+        return require(program, "postgresql", "sudo apt-get install -y postgresql",
+                       search=PG_BIN_DIRS)
+
+    def check_installed(self) -> None:
+        self._bin("initdb")
+        self._bin("pg_ctl")
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        # The server writes its own log, so it must sit in a folder the postgres user owns.
+        self.proc.log_file = self.dir / "server.log"
+
+    def _run_as_postgres(self, argv: list[str]) -> list[str]:
+        if _as_root():
+            return ["runuser", "-u", "postgres", "--", *argv]
+        return argv
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        sock = self.dir / "sock"
+        if not (data / "PG_VERSION").exists():
+            if data.exists():
+                shutil.rmtree(data)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            sock.mkdir(exist_ok=True)
+            _chown_tree(self.dir, "postgres")
+            subprocess.run(self._run_as_postgres([
+                self._bin("initdb"), "-D", str(data), "-U", self.settings.pg_user,
+                "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
+                check=True, capture_output=True)
+            extra = ("\n# cityops local tuning: a dev box, not a bank\n"
+                     "synchronous_commit = off\nshared_buffers = 256MB\n"
+                     "max_wal_size = 2GB\ncheckpoint_timeout = 15min\n"
+                     "max_connections = 200\nwork_mem = 32MB\n")
+            with (data / "postgresql.conf").open("a") as fh:
+                fh.write(extra)
+        sock.mkdir(exist_ok=True)
+        _chown_tree(sock, "postgres")
+        opts = f"-p {self.port} -k {sock} -c listen_addresses={self.settings.host}"
+        # pg_ctl forks the postmaster; we record the postmaster pid from postmaster.pid.
+        subprocess.run(self._run_as_postgres([
+            self._bin("pg_ctl"), "-D", str(data), "-l", str(self.proc.log_file),
+            "-o", opts, "-w", "-t", "60", "start"]), check=False, capture_output=True)
+        pm = data / "postmaster.pid"
+        if not pm.exists():
+            raise StackError(f"postgres did not start; see {self.proc.log_file}\n"
+                             f"{self.proc.tail()}")
+        self.proc.adopt(int(pm.read_text().splitlines()[0]))
+        wait_until(self.healthy, 30, "postgres", self.proc)
+        run_sync(self.prepare())
+
+    def healthy(self) -> bool:
+        return port_open(self.settings.host, self.port) and run_sync(self._ping())
+
+    async def _ping(self) -> bool:
+        import asyncpg
+
+        dsn = self.settings.pg_dsn.rsplit("/", 1)[0] + "/postgres"
+        conn = await asyncpg.connect(dsn, timeout=3)
+        try:
+            return await conn.fetchval("select 1") == 1
+        finally:
+            await conn.close()
+
+    async def prepare(self) -> None:
+        """Create the project database if missing, then migrate its schema."""
+        import asyncpg
+
+        dsn = self.settings.pg_dsn.rsplit("/", 1)[0] + "/postgres"
+        conn = await asyncpg.connect(dsn)
+        try:
+            exists = await conn.fetchval("select 1 from pg_database where datname=$1",
+                                         self.settings.pg_database)
+            if not exists:
+                await conn.execute(f'create database "{self.settings.pg_database}"')
+        finally:
+            await conn.close()
+        from processors.schema import migrate
+
+        await migrate(self.settings.pg_dsn, self.settings.storage_mode,
+                      retention_days=self.settings.retention_days)
+
+    def down(self) -> bool:
+        data = self.dir / "data"
+        if self.proc.pid is None:
+            return False
+        subprocess.run(self._run_as_postgres([
+            self._bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
+            check=False, capture_output=True)
+        self.proc.stop(timeout=10)
+        return True
+
+
+class Prometheus(Server):
+    """Debian's Prometheus scraping every cityops service, rules from ``deploy/prometheus``."""
+
+    name = "prometheus"
+
+    @property
+    def port(self) -> int:
+        return self.settings.prometheus_port
+
+    def check_installed(self) -> None:
+        require("prometheus", "prometheus")
+
+    def write_config(self) -> Path:
+        s = self.settings
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rules_dir = PROJECT_ROOT / "deploy" / "prometheus" / "rules"
+        rule_files = sorted(str(p) for p in rules_dir.glob("*.yml")) if rules_dir.is_dir() else []
+        lines = [
+            "# Generated by `cityops stack up` from settings; production config lives in",
+            "# deploy/prometheus/prometheus.yml.",
+            "global:", "  scrape_interval: 5s", "  evaluation_interval: 5s",
+            "rule_files:" + ("" if rule_files else " []"), *[f"  - {r}" for r in rule_files],
+            "scrape_configs:",
+        ]
+        for job, port in s.metrics_ports.items():
+            lines += [f"  - job_name: cityops-{job}",
+                      "    static_configs:",
+                      f"      - targets: ['{s.host}:{port}']",
+                      "        labels: {service: " + job + "}"]
+        conf = self.dir / "prometheus.yml"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self) -> None:
+        conf = self.write_config()
+        exe = require("prometheus", "prometheus")
+        self.proc.start([exe, f"--config.file={conf}", f"--storage.tsdb.path={self.dir / 'data'}",
+                         f"--web.listen-address={self.settings.host}:{self.port}",
+                         "--storage.tsdb.retention.time=2d", "--web.enable-lifecycle"])
+        wait_until(self.healthy, 30, "prometheus", self.proc)
+
+    def healthy(self) -> bool:
+        url = f"http://{self.settings.host}:{self.port}/-/ready"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+
+
+SERVERS: tuple[type[Server], ...] = (Mosquitto, KafkaBroker, Postgres, Prometheus)
