@@ -60,10 +60,9 @@ def _load(module: str):  # type: ignore[no-untyped-def]
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-    )
+    from cityops.service import setup_logging
+
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         from pathlib import Path
 
