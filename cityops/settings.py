@@ -114,6 +114,17 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``CITYOPS_*`` variables, for starting a child service with them."""
+        env: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Topics):
+                continue  # topic names are not overridable per process
+            env[f"CITYOPS_{f.name.upper()}"] = (
+                str(value).lower() if isinstance(value, bool) else str(value))
+        return env
+
     @classmethod
     def load(
         cls,
