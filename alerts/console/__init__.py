@@ -1,0 +1,1 @@
+"""The operators' web console and REST API (``cityops console``)."""

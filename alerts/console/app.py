@@ -1,0 +1,507 @@
+"""The console's web app: pages, the REST API (OpenAPI at ``/docs``), the live stream.
+
+Reads and operator actions go to PostgreSQL through ``alerts.store`` (the same code the
+alerts service uses, so the lifecycle rules and the audit trail are the same whoever
+changes an alert); every change is published on the alerts topic, and the page learns
+about all changes, its own included, from the feed of that topic over Server-Sent
+Events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import asyncpg
+import msgspec
+from aiokafka import AIOKafkaProducer
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+
+from alerts.console import sensors as sensor_data
+from alerts.console.auth import (
+    SESSION_COOKIE,
+    Principal,
+    Role,
+    Sessions,
+    create_token,
+    token_principal,
+    verify_user,
+)
+from alerts.console.feed import AlertFeed
+from alerts.console.geo import VIEWS, render_map
+from alerts.metrics import (
+    CONSOLE_ACTIONS,
+    CONSOLE_DENIED,
+    CONSOLE_LOGINS,
+    CONSOLE_STREAMS,
+)
+from alerts.model import Alert, AlertChange, encode_change
+from alerts.store import AlertStore, create_pool
+from cityops.city import DISTRICTS_BY_CODE, LANDMARKS_BY_CODE
+from cityops.registry import Fleet, FleetError, load_fleet
+from cityops.settings import Settings
+
+STATIC = Path(__file__).parent / "static"
+Severity = Literal["critical", "major", "minor", "warning", "info"]
+
+
+# --- API models (what /docs shows) --------------------------------------------------------
+class AlertOut(BaseModel):
+    """An alert; times are epoch milliseconds UTC."""
+
+    alert_id: int
+    rule_id: str
+    source: str = Field(description="sensor id, or landmark:<code> for correlated incidents")
+    severity: Severity
+    state: Literal["active", "cleared"]
+    acknowledged: bool
+    acked_by: str | None = None
+    acked_at: int | None = None
+    assignee: str | None = None
+    title: str
+    message: str = ""
+    domain: str = ""
+    district: str = ""
+    landmark: str = ""
+    sensor_id: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    value: float | None = None
+    details: dict[str, Any] = {}
+    updates: int = 0
+    version: int = 1
+    escalation_level: int = 0
+    escalated_at: int | None = None
+    first_event_time: int | None = None
+    last_event_time: int | None = None
+    raised_at: int
+    updated_at: int
+    cleared_at: int | None = None
+    cleared_by: str | None = None
+
+
+class AuditEntry(BaseModel):
+    at: int
+    actor: str
+    action: str
+    detail: dict[str, Any]
+
+
+class AlertDetail(BaseModel):
+    alert: AlertOut
+    audit: list[AuditEntry]
+
+
+class LoginIn(BaseModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256)
+
+
+class Me(BaseModel):
+    user: str
+    role: str
+    csrf: str = ""
+
+
+class NoteIn(BaseModel):
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class CommentIn(BaseModel):
+    note: str = Field(min_length=1, max_length=2000)
+
+
+class AssignIn(BaseModel):
+    assignee: str = Field(min_length=1, max_length=64)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class MaintenanceIn(BaseModel):
+    scope: Literal["sensor", "district", "landmark"]
+    target: str = Field(min_length=1, max_length=128)
+    starts_at: int | None = Field(default=None, description="epoch ms; default now")
+    ends_at: int | None = Field(default=None, description="epoch ms; or give duration_s")
+    duration_s: int | None = Field(default=None, gt=0, le=30 * 86400)
+    reason: str = Field(default="", max_length=500)
+
+
+class MaintenanceOut(BaseModel):
+    window_id: int
+    scope: str
+    target: str
+    starts_at: int
+    ends_at: int
+    reason: str
+    created_by: str
+
+
+class TokenIn(BaseModel):
+    agency: str = Field(min_length=2, max_length=64)
+
+
+class TokenOut(BaseModel):
+    agency: str
+    token: str = Field(description="shown once; send as 'Authorization: Bearer <token>'")
+    scope: str = "read"
+
+
+class SensorOut(BaseModel):
+    sensor: dict[str, Any]
+    latest: dict[str, dict[str, Any]]
+    alerts: list[AlertOut]
+
+
+class SeriesOut(BaseModel):
+    sensor_id: str
+    metric: str
+    points: list[tuple[int, float]]
+
+
+class LatestRow(BaseModel):
+    sensor_id: str
+    metric: str
+    time: int
+    value: float
+    district: str
+    domain: str
+    type: str
+    landmark: str
+
+
+# --- the app ------------------------------------------------------------------------------------
+class Console:
+    """What the request handlers share (one per app)."""
+
+    def __init__(self, settings: Settings, fleet: Fleet | None) -> None:
+        self.settings = settings
+        self.fleet = fleet
+        self.sessions = Sessions(settings.console_secret, settings.console_session_s)
+        self.feed = AlertFeed(settings)
+        self.pool: asyncpg.Pool | None = None
+        self.store: AlertStore | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.maps: dict[str, str] = {}
+
+    async def publish(self, change: AlertChange) -> None:
+        assert self.producer
+        await self.producer.send_and_wait(self.settings.topics.alerts, encode_change(change),
+                                          key=str(change.alert.alert_id).encode())
+
+
+def _alert_dict(a: Alert) -> dict[str, Any]:
+    return msgspec.to_builtins(a)  # type: ignore[no-any-return]
+
+
+# --- who is asking (module level: FastAPI resolves these annotations by name) -------------------
+async def principal(request: Request) -> Principal | None:
+    console: Console = request.app.state.console
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        assert console.pool
+        return await token_principal(console.pool, auth[7:].strip())
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return console.sessions.read(cookie) if cookie else None
+
+
+def require(role: Role) -> Any:
+    """A dependency: the caller, if authenticated with at least ``role`` (and CSRF-safe)."""
+    async def dep(request: Request) -> Principal:
+        p = await principal(request)
+        if p is None:
+            CONSOLE_DENIED.labels("unauthenticated").inc()
+            raise HTTPException(401, "log in, or send a valid API token")
+        if p.role < role:
+            CONSOLE_DENIED.labels("role").inc()
+            raise HTTPException(403, f"requires the {role.name.lower()} role")
+        if request.method not in ("GET", "HEAD") and p.via == "session":
+            console: Console = request.app.state.console
+            if request.headers.get("x-csrf-token", "") != console.sessions.csrf(p.session):
+                CONSOLE_DENIED.labels("csrf").inc()
+                raise HTTPException(403, "missing or wrong X-CSRF-Token header")
+        return p
+    return Depends(dep)
+
+
+Reader = Annotated[Principal, require(Role.READER)]
+Viewer = Annotated[Principal, require(Role.VIEWER)]
+Operator = Annotated[Principal, require(Role.OPERATOR)]
+Supervisor = Annotated[Principal, require(Role.SUPERVISOR)]
+
+
+def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
+    if fleet is None:
+        with contextlib.suppress(FleetError):
+            fleet = load_fleet(settings.fleet_file)
+    console = Console(settings, fleet)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        console.pool = await create_pool(settings.pg_dsn, size=8)
+        console.store = AlertStore(console.pool)
+        console.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
+                                            linger_ms=1)
+        await console.producer.start()
+        await console.feed.start()
+        try:
+            yield
+        finally:
+            await console.feed.stop()
+            await console.producer.stop()
+            await console.pool.close()
+
+    app = FastAPI(
+        title="cityops console API",
+        version="1",
+        description="Alerts and latest sensor values of the Can Tho operations center. "
+                    "Browsers log in (`POST /api/login`, session cookie + `X-CSRF-Token` "
+                    "header for changes); other agencies use read-only API tokens "
+                    "(`Authorization: Bearer cot_...`) on alerts and latest values.",
+        lifespan=lifespan,
+    )
+    app.state.console = console
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def store() -> AlertStore:
+        assert console.store
+        return console.store
+
+    # --- pages ---------------------------------------------------------------------------------
+    def _page(name: str) -> HTMLResponse:
+        return HTMLResponse((STATIC / name).read_text(),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request) -> Response:
+        p = await principal(request)
+        if p is None or p.via != "session":
+            return RedirectResponse("/login", 303)
+        return _page("index.html")
+
+    @app.get("/login", include_in_schema=False)
+    async def login_page() -> Response:
+        return _page("login.html")
+
+    @app.get("/sensor/{sensor_id}", include_in_schema=False)
+    async def sensor_page(sensor_id: str, request: Request) -> Response:
+        p = await principal(request)
+        if p is None or p.via != "session":
+            return RedirectResponse("/login", 303)
+        return _page("sensor.html")
+
+    # --- session --------------------------------------------------------------------------------
+    @app.post("/api/login", response_model=Me, tags=["session"])
+    async def login(body: LoginIn, response: Response) -> Me:
+        """Check the password (argon2id) and set the session cookie."""
+        assert console.pool
+        role = await verify_user(console.pool, body.username, body.password)
+        if role is None:
+            CONSOLE_LOGINS.labels("rejected").inc()
+            await asyncio.sleep(0.3)  # blunt password guessing a little
+            raise HTTPException(401, "wrong username or password")
+        CONSOLE_LOGINS.labels("ok").inc()
+        value = console.sessions.issue(body.username, role)
+        response.set_cookie(SESSION_COOKIE, value, max_age=settings.console_session_s,
+                            httponly=True, samesite="strict", path="/")
+        return Me(user=body.username, role=role.name.lower(), csrf=console.sessions.csrf(value))
+
+    @app.post("/api/logout", tags=["session"])
+    async def logout(response: Response) -> dict[str, bool]:
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return {"ok": True}
+
+    @app.get("/api/me", response_model=Me, tags=["session"])
+    async def me(p: Viewer) -> Me:
+        return Me(user=p.name, role=p.role.name.lower(),
+                  csrf=console.sessions.csrf(p.session) if p.via == "session" else "")
+
+    # --- alerts ----------------------------------------------------------------------------------
+    @app.get("/api/alerts", response_model=list[AlertOut], tags=["alerts"])
+    async def list_alerts(p: Reader, state: Literal["active", "cleared"] | None = None,
+                          domain: str | None = None, district: str | None = None,
+                          severity: Severity | None = None, acknowledged: bool | None = None,
+                          limit: Annotated[int, Query(ge=1, le=2000)] = 500) -> Any:
+        """Alerts, active first, newest change first."""
+        got = await store().search(state=state, domain=domain, district=district,
+                                   severity=severity, acknowledged=acknowledged, limit=limit)
+        return [_alert_dict(a) for a in got]
+
+    @app.get("/api/alerts/{alert_id}", response_model=AlertDetail, tags=["alerts"])
+    async def get_alert(alert_id: int, p: Reader) -> Any:
+        a = await store().get(alert_id)
+        if a is None:
+            raise HTTPException(404, f"no alert {alert_id}")
+        return {"alert": _alert_dict(a), "audit": await store().audit(alert_id)}
+
+    async def _act(alert_id: int, action: str, p: Principal, **kw: Any) -> Any:
+        change = await store().act(alert_id, action, p.name, **kw)
+        if change is None:
+            if await store().get(alert_id) is None:
+                raise HTTPException(404, f"no alert {alert_id}")
+            raise HTTPException(409, f"alert {alert_id} is already cleared")
+        CONSOLE_ACTIONS.labels(action).inc()
+        await console.publish(change)
+        return _alert_dict(change.alert)
+
+    @app.post("/api/alerts/{alert_id}/acknowledge", response_model=AlertOut, tags=["alerts"])
+    async def acknowledge(alert_id: int, p: Operator, body: NoteIn | None = None) -> Any:
+        """Operator or supervisor: I have seen it and I am on it."""
+        return await _act(alert_id, "acknowledged", p, note=body.note if body else None)
+
+    @app.post("/api/alerts/{alert_id}/comment", response_model=AlertOut, tags=["alerts"])
+    async def comment(alert_id: int, body: CommentIn, p: Operator) -> Any:
+        """Operator or supervisor: add a note to the alert's audit trail."""
+        return await _act(alert_id, "commented", p, note=body.note)
+
+    @app.post("/api/alerts/{alert_id}/assign", response_model=AlertOut, tags=["alerts"])
+    async def assign(alert_id: int, body: AssignIn, p: Supervisor) -> Any:
+        """Supervisor: hand the alert to someone."""
+        return await _act(alert_id, "assigned", p, assignee=body.assignee, note=body.note)
+
+    @app.post("/api/alerts/{alert_id}/clear", response_model=AlertOut, tags=["alerts"])
+    async def clear(alert_id: int, p: Supervisor, body: NoteIn | None = None) -> Any:
+        """Supervisor: clear by hand (the rule will not re-raise until its condition ends)."""
+        return await _act(alert_id, "cleared", p, note=body.note if body else None)
+
+    @app.get("/api/stream", tags=["alerts"],
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "Server-Sent Events: `event: alert`, data is "
+                                             "an AlertChange (action, actor, at, alert)"}})
+    async def stream(request: Request, p: Viewer) -> StreamingResponse:
+        """Live alert changes as Server-Sent Events."""
+        sub = console.feed.subscribe()
+
+        async def events() -> AsyncIterator[bytes]:
+            CONSOLE_STREAMS.inc()
+            try:
+                yield b"retry: 2000\n: connected\n\n"
+                while True:
+                    try:
+                        change = await asyncio.wait_for(sub.queue.get(), 15)
+                    except TimeoutError:
+                        if sub.overflowed:
+                            yield b"event: reload\ndata: {}\n\n"
+                            return
+                        yield b": keep-alive\n\n"
+                        continue
+                    if change is None:
+                        return
+                    yield b"event: alert\ndata: " + encode_change(change) + b"\n\n"
+            finally:
+                CONSOLE_STREAMS.dec()
+                console.feed.unsubscribe(sub)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store",
+                                          "X-Accel-Buffering": "no"})
+
+    # --- maintenance windows -------------------------------------------------------------------
+    @app.get("/api/maintenance", response_model=list[MaintenanceOut], tags=["maintenance"])
+    async def list_windows(p: Viewer) -> Any:
+        return [dataclasses.asdict(w) for w in await store().load_windows()]
+
+    @app.post("/api/maintenance", response_model=MaintenanceOut, status_code=201,
+              tags=["maintenance"])
+    async def add_window(body: MaintenanceIn, p: Supervisor) -> Any:
+        """Supervisor: silence new alerts from a sensor, district or landmark for a while."""
+        if body.scope == "district" and body.target not in DISTRICTS_BY_CODE:
+            raise HTTPException(422, f"unknown district {body.target!r}")
+        if body.scope == "landmark" and body.target not in LANDMARKS_BY_CODE:
+            raise HTTPException(422, f"unknown landmark {body.target!r}")
+        start = body.starts_at or int(time.time() * 1000)
+        end = body.ends_at or (start + body.duration_s * 1000 if body.duration_s else None)
+        if end is None or end <= start:
+            raise HTTPException(422, "give ends_at after starts_at, or duration_s")
+        wid = await store().add_window(body.scope, body.target, start, end, body.reason, p.name)
+        return MaintenanceOut(window_id=wid, scope=body.scope, target=body.target,
+                              starts_at=start, ends_at=end, reason=body.reason,
+                              created_by=p.name)
+
+    @app.delete("/api/maintenance/{window_id}", tags=["maintenance"])
+    async def delete_window(window_id: int, p: Supervisor) -> dict[str, bool]:
+        if not await store().delete_window(window_id):
+            raise HTTPException(404, f"no maintenance window {window_id}")
+        return {"deleted": True}
+
+    # --- tokens --------------------------------------------------------------------------------
+    @app.post("/api/tokens", response_model=TokenOut, status_code=201, tags=["tokens"])
+    async def new_token(body: TokenIn, p: Supervisor) -> TokenOut:
+        """Supervisor: a read-only API token for another agency (shown once)."""
+        assert console.pool
+        return TokenOut(agency=body.agency,
+                        token=await create_token(console.pool, body.agency, p.name))
+
+    # --- sensors and the map ---------------------------------------------------------------------
+    @app.get("/api/sensors/{sensor_id}", response_model=SensorOut, tags=["sensors"])
+    async def sensor(sensor_id: str, p: Reader) -> Any:
+        """A sensor, its latest value per metric, and its active alerts."""
+        assert console.pool
+        info = await sensor_data.sensor_info(console.pool, console.fleet, sensor_id)
+        if info is None:
+            raise HTTPException(404, f"no sensor {sensor_id!r}")
+        rows = await console.pool.fetch("select * from alerts where sensor_id = $1 and "
+                                        "state = 'active' order by raised_at desc", sensor_id)
+        from alerts.store import row_to_alert
+
+        return {"sensor": info, "latest": await sensor_data.latest(console.pool, sensor_id),
+                "alerts": [_alert_dict(row_to_alert(r)) for r in rows]}
+
+    @app.get("/api/sensors/{sensor_id}/series", response_model=SeriesOut, tags=["sensors"])
+    async def sensor_series(sensor_id: str, metric: str, p: Reader,
+                            minutes: Annotated[int, Query(ge=1, le=7 * 1440)] = 120) -> Any:
+        """Recent readings of one metric (for the sparkline)."""
+        assert console.pool
+        pts = await sensor_data.series(console.pool, sensor_id, metric, minutes)
+        return {"sensor_id": sensor_id, "metric": metric, "points": pts}
+
+    @app.get("/api/latest", response_model=list[LatestRow], tags=["sensors"])
+    async def latest(p: Reader, district: str | None = None, domain: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=20000)] = 5000) -> Any:
+        """Latest value of every sensor and metric (optionally one district or domain)."""
+        assert console.pool
+        return await sensor_data.latest_many(console.pool, district=district, domain=domain,
+                                             limit=limit)
+
+    @app.get("/api/map.svg", tags=["map"], response_class=Response,
+             responses={200: {"content": {"image/svg+xml": {}}}})
+    async def map_svg(p: Viewer, view: Literal["city", "center"] = "city") -> Response:
+        """Districts, roads, landmarks and sensors of Can Tho as SVG."""
+        svg = console.maps.get(view)
+        if svg is None:
+            svg = console.maps[view] = render_map(console.fleet, view)
+        return Response(svg, media_type="image/svg+xml",
+                        headers={"Cache-Control": "private, max-age=300"})
+
+    @app.get("/api/places", tags=["map"])
+    async def places(p: Viewer) -> dict[str, Any]:
+        """Names of districts and landmarks (for filters and labels)."""
+        return {"districts": {c: d.name for c, d in DISTRICTS_BY_CODE.items()},
+                "landmarks": {c: lm.name for c, lm in LANDMARKS_BY_CODE.items()},
+                "views": list(VIEWS)}
+
+    # --- operations ----------------------------------------------------------------------------
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        ok = console.feed.ready.is_set()
+        try:
+            assert console.pool
+            await console.pool.fetchval("select 1")
+        except Exception:
+            ok = False
+        return JSONResponse({"service": "console", "healthy": ok}, status_code=200 if ok else 503)
+
+    return app

@@ -1,0 +1,41 @@
+"""Prometheus metrics of the alerts service and the console (bounded labels only)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("cityops_alerts_events_total", "Events read by the alerts service", ["topic"])
+DEADLETTERS = Counter("cityops_alerts_deadletters_total",
+                      "Messages the alerts service could not decode (sent to dead letter)",
+                      ["reason"])
+RULES_EVALUATED = Counter("cityops_alert_rules_evaluated_total",
+                          "Rule evaluations (one per rule per batch or tick)", ["type"])
+RULE_RELOADS = Counter("cityops_alert_rule_reloads_total", "Rules file reloads", ["result"])
+RULES_LOADED = Gauge("cityops_alert_rules_loaded", "Rules currently running")
+ALERTS_RAISED = Counter("cityops_alerts_raised_total", "Alerts raised",
+                        ["severity", "domain"])
+ALERTS_CLEARED = Counter("cityops_alerts_cleared_total", "Alerts cleared",
+                         ["severity", "domain", "by"])
+ALERTS_UPDATED = Counter("cityops_alerts_updated_total", "Updates to active alerts",
+                         ["severity", "domain"])
+ALERTS_SUPPRESSED = Counter("cityops_alerts_suppressed_total",
+                            "Raises silenced by a maintenance window", ["domain"])
+ALERTS_ESCALATED = Counter("cityops_alerts_escalated_total",
+                           "Critical alerts escalated for lack of acknowledgement", ["domain"])
+ALERTS_ACTIVE = Gauge("cityops_alerts_active", "Active alerts", ["severity"])
+EVAL_SECONDS = Histogram("cityops_alert_evaluation_seconds",
+                         "Time to evaluate all rules over one batch",
+                         buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1))
+EVENT_TO_ALERT = Histogram("cityops_alert_event_to_alert_seconds",
+                           "From ingest receiving the triggering event to the alert committed",
+                           buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60))
+BATCH_SIZE = Histogram("cityops_alerts_batch_events", "Events per evaluated batch",
+                       buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000))
+CHECKPOINTS = Counter("cityops_alerts_checkpoints_total",
+                      "Rule state + offsets checkpoints written")
+
+# console
+CONSOLE_LOGINS = Counter("cityops_console_logins_total", "Console logins", ["result"])
+CONSOLE_ACTIONS = Counter("cityops_console_actions_total", "Operator actions", ["action"])
+CONSOLE_STREAMS = Gauge("cityops_console_streams", "Open live alert streams (SSE)")
+CONSOLE_DENIED = Counter("cityops_console_denied_total", "Requests refused", ["reason"])

@@ -1,0 +1,340 @@
+"""Alerts in PostgreSQL: the lifecycle, its audit trail, maintenance windows, checkpoints.
+
+The database is the source of truth for "one active alert per (rule, source)": a partial
+unique index enforces it, and every write is conditional on the alert's state, so the
+alerts service and the console (operators acknowledging, supervisors clearing) can
+change the same alert without either holding a stale copy. Each change is written
+together with its audit row in one transaction and returned as an ``AlertChange`` for
+the caller to publish on the alerts topic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from alerts.metrics import (
+    ALERTS_ACTIVE,
+    ALERTS_CLEARED,
+    ALERTS_ESCALATED,
+    ALERTS_RAISED,
+    ALERTS_SUPPRESSED,
+    ALERTS_UPDATED,
+    CHECKPOINTS,
+    EVENT_TO_ALERT,
+)
+from alerts.model import SEVERITY_RANK, Alert, AlertChange, Signal, SignalKind
+
+SYSTEM = "system"
+_COLUMNS = ("rule_id, source, severity, state, title, message, domain, district, landmark, "
+            "sensor_id, lat, lon, value, details, first_event_time, last_event_time")
+
+
+def _ms(ts: datetime | None) -> int | None:
+    return None if ts is None else int(ts.timestamp() * 1000)
+
+
+def _ts(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def row_to_alert(row: asyncpg.Record) -> Alert:
+    d = dict(row)
+    for k in ("acked_at", "escalated_at", "first_event_time", "last_event_time", "raised_at",
+              "updated_at", "cleared_at"):
+        d[k] = _ms(d[k])
+    d["details"] = json.loads(d["details"]) if isinstance(d["details"], str) else d["details"]
+    d.pop("inserted", None)
+    return Alert(**d)
+
+
+async def init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                              schema="pg_catalog")
+
+
+async def create_pool(dsn: str, size: int = 4) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=size, init=init_connection)
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceWindow:
+    window_id: int
+    scope: str  # sensor | district | landmark
+    target: str
+    starts_at: int
+    ends_at: int
+    reason: str
+    created_by: str
+
+    def covers(self, s: Signal, now_ms: int) -> bool:
+        if not (self.starts_at <= now_ms < self.ends_at):
+            return False
+        value = {"sensor": s.sensor_id or s.source, "district": s.district,
+                 "landmark": s.landmark}[self.scope]
+        return value == self.target
+
+
+class AlertStore:
+    def __init__(self, pool: asyncpg.Pool, *, update_every_s: float = 5.0) -> None:
+        self.pool = pool
+        self.update_every_s = update_every_s
+        self._last_update: dict[tuple[str, str], float] = {}
+        self.windows: list[MaintenanceWindow] = []
+        self._suppressed: set[tuple[str, str]] = set()
+
+    # --- engine side -----------------------------------------------------------------------
+    async def apply(self, signals: Sequence[Signal]) -> list[AlertChange]:
+        """Turn signals into alert changes (one transaction); returns what changed."""
+        if not signals:
+            return []
+        now = time.time()
+        now_ms = int(now * 1000)
+        # In order, except that an update followed by any later signal for the same key is
+        # superseded by it: a flapping source costs one write per batch, not one per event,
+        # while a raise and a clear inside one batch still both happen.
+        last = {s.key: i for i, s in enumerate(signals)}
+        ordered = [s for i, s in enumerate(signals)
+                   if s.kind != SignalKind.UPDATE or last[s.key] == i]
+        changes: list[AlertChange] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for s in ordered:
+                if s.kind == SignalKind.CLEAR:
+                    self._suppressed.discard(s.key)
+                    ch = await self._clear(conn, s, now_ms)
+                elif s.kind == SignalKind.RAISE or s.key in self._suppressed:
+                    # a condition that began inside a maintenance window raises once the
+                    # window is over, if it still holds
+                    if any(w.covers(s, now_ms) for w in self.windows):
+                        if s.key not in self._suppressed:
+                            ALERTS_SUPPRESSED.labels(s.domain or "none").inc()
+                            self._suppressed.add(s.key)
+                        continue
+                    self._suppressed.discard(s.key)
+                    ch = await self._raise(conn, s, now_ms)
+                else:
+                    if now - self._last_update.get(s.key, 0.0) < self.update_every_s:
+                        continue
+                    ch = await self._update(conn, s, now_ms)
+                if ch is not None:
+                    changes.append(ch)
+                    self._last_update[s.key] = now
+                    if ch.action == "raised" and s.receive_ms:
+                        EVENT_TO_ALERT.observe(max(0.0, now - s.receive_ms / 1000))
+        return changes
+
+    async def _raise(self, conn: asyncpg.Connection, s: Signal, now_ms: int) -> AlertChange:
+        row = await conn.fetchrow(
+            f"insert into alerts ({_COLUMNS}) values "
+            "($1,$2,$3,'active',$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$14) "
+            "on conflict (rule_id, source) where state = 'active' do update set "
+            " value = excluded.value, details = excluded.details, "
+            " last_event_time = excluded.last_event_time, updated_at = now(), "
+            " updates = alerts.updates + 1, version = alerts.version + 1 "
+            "returning *, (xmax = 0) as inserted",
+            s.rule_id, s.source, s.severity, s.title, s.message, s.domain, s.district,
+            s.landmark, s.sensor_id, s.lat, s.lon, s.value, s.details, _ts(s.at_ms))
+        action = "raised" if row["inserted"] else "updated"
+        return await self._record(conn, row, action, SYSTEM, now_ms)
+
+    async def _update(self, conn: asyncpg.Connection, s: Signal, now_ms: int) -> AlertChange | None:
+        row = await conn.fetchrow(
+            "update alerts set value = $3, details = $4, last_event_time = $5, "
+            " updated_at = now(), updates = updates + 1, version = version + 1 "
+            "where rule_id = $1 and source = $2 and state = 'active' returning *",
+            s.rule_id, s.source, s.value, s.details, _ts(s.at_ms))
+        # no active alert: a supervisor cleared it by hand; trust them until the
+        # condition ends and starts again
+        return None if row is None else await self._record(conn, row, "updated", SYSTEM, now_ms)
+
+    async def _clear(self, conn: asyncpg.Connection, s: Signal, now_ms: int) -> AlertChange | None:
+        row = await conn.fetchrow(
+            "update alerts set state = 'cleared', cleared_at = now(), cleared_by = $3, "
+            " updated_at = now(), version = version + 1 "
+            "where rule_id = $1 and source = $2 and state = 'active' returning *",
+            s.rule_id, s.source, SYSTEM)
+        self._last_update.pop(s.key, None)
+        return None if row is None else await self._record(conn, row, "cleared", SYSTEM, now_ms)
+
+    async def _record(self, conn: asyncpg.Connection, row: asyncpg.Record, action: str,
+                      actor: str, now_ms: int, note: str | None = None,
+                      detail: dict[str, Any] | None = None) -> AlertChange:
+        alert = row_to_alert(row)
+        await conn.execute("insert into alert_audit (alert_id, actor, action, detail) "
+                           "values ($1, $2, $3, $4)", alert.alert_id, actor, action,
+                           {**(detail or {}), **({"note": note} if note else {}),
+                            "version": alert.version})
+        sev, dom = alert.severity, alert.domain or "none"
+        if action == "raised":
+            ALERTS_RAISED.labels(sev, dom).inc()
+        elif action == "updated":
+            ALERTS_UPDATED.labels(sev, dom).inc()
+        elif action == "cleared":
+            ALERTS_CLEARED.labels(sev, dom, "system" if actor == SYSTEM else "operator").inc()
+        elif action == "escalated":
+            ALERTS_ESCALATED.labels(dom).inc()
+        return AlertChange(action=action, actor=actor, at=now_ms, alert=alert, note=note)
+
+    async def escalate(self, default_after_s: float,
+                       per_rule: dict[str, float]) -> list[AlertChange]:
+        """Raise the escalation level of critical alerts nobody acknowledged in time."""
+        changes: list[AlertChange] = []
+        now_ms = int(time.time() * 1000)
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "select alert_id, rule_id, raised_at, escalated_at, escalation_level from alerts "
+                "where state = 'active' and not acknowledged and severity = 'critical'")
+            for r in rows:
+                after = per_rule.get(r["rule_id"], default_after_s)
+                since = r["escalated_at"] or r["raised_at"]
+                if now_ms - _ms(since) < after * 1000:  # type: ignore[operator]
+                    continue
+                row = await conn.fetchrow(
+                    "update alerts set escalation_level = escalation_level + 1, "
+                    " escalated_at = now(), updated_at = now(), version = version + 1 "
+                    "where alert_id = $1 and state = 'active' and not acknowledged returning *",
+                    r["alert_id"])
+                if row is not None:
+                    changes.append(await self._record(
+                        conn, row, "escalated", SYSTEM, now_ms,
+                        detail={"level": row["escalation_level"], "after_s": after}))
+        return changes
+
+    async def count_active(self) -> dict[str, int]:
+        """Active alerts per severity, into the ``cityops_alerts_active`` gauge."""
+        rows = await self.pool.fetch("select severity, count(*) as n from alerts "
+                                     "where state = 'active' group by severity")
+        counts = {sev: 0 for sev in SEVERITY_RANK} | {r["severity"]: r["n"] for r in rows}
+        for sev, n in counts.items():
+            ALERTS_ACTIVE.labels(sev).set(n)
+        return counts
+
+    async def active(self) -> list[Alert]:
+        rows = await self.pool.fetch("select * from alerts where state = 'active'")
+        return [row_to_alert(r) for r in rows]
+
+    # --- operators --------------------------------------------------------------------------
+    async def act(self, alert_id: int, action: str, actor: str, *, note: str | None = None,
+                  assignee: str | None = None) -> AlertChange | None:
+        """An operator's action; None if the alert does not exist (or is already cleared)."""
+        sql = {
+            "acknowledged": "update alerts set acknowledged = true, acked_by = $2, "
+                            "acked_at = now(), updated_at = now(), version = version + 1 "
+                            "where alert_id = $1 returning *",
+            "commented": "update alerts set updated_at = now(), version = version + 1 "
+                         "where alert_id = $1 and $2::text is not null returning *",
+            "assigned": "update alerts set assignee = $3, updated_at = now(), "
+                        "version = version + 1 where alert_id = $1 and $2::text is not null "
+                        "returning *",
+            "cleared": "update alerts set state = 'cleared', cleared_at = now(), "
+                       "cleared_by = $2, updated_at = now(), version = version + 1 "
+                       "where alert_id = $1 and state = 'active' returning *",
+        }[action]
+        args: list[Any] = [alert_id, actor] + ([assignee] if action == "assigned" else [])
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(sql, *args)
+            if row is None:
+                return None
+            detail = {"assignee": assignee} if action == "assigned" else None
+            return await self._record(conn, row, action, actor, int(time.time() * 1000),
+                                      note=note, detail=detail)
+
+    async def get(self, alert_id: int) -> Alert | None:
+        row = await self.pool.fetchrow("select * from alerts where alert_id = $1", alert_id)
+        return None if row is None else row_to_alert(row)
+
+    async def audit(self, alert_id: int) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch("select at, actor, action, detail from alert_audit "
+                                     "where alert_id = $1 order by audit_id", alert_id)
+        return [{"at": _ms(r["at"]), "actor": r["actor"], "action": r["action"],
+                 "detail": r["detail"]} for r in rows]
+
+    async def search(self, *, state: str | None = None, domain: str | None = None,
+                     district: str | None = None, severity: str | None = None,
+                     acknowledged: bool | None = None, limit: int = 500) -> list[Alert]:
+        where: list[str] = []
+        args: list[Any] = []
+        for col, val in (("state", state), ("domain", domain), ("district", district),
+                         ("severity", severity), ("acknowledged", acknowledged)):
+            if val is not None:
+                args.append(val)
+                where.append(f"{col} = ${len(args)}")
+        args.append(limit)
+        sql = ("select * from alerts" + (" where " + " and ".join(where) if where else "")
+               + f" order by (state = 'active') desc, updated_at desc limit ${len(args)}")
+        return [row_to_alert(r) for r in await self.pool.fetch(sql, *args)]
+
+    # --- maintenance windows ----------------------------------------------------------------
+    async def load_windows(self) -> list[MaintenanceWindow]:
+        rows = await self.pool.fetch("select * from maintenance_windows where ends_at > now() "
+                                     "order by starts_at")
+        self.windows = [MaintenanceWindow(r["window_id"], r["scope"], r["target"],
+                                          _ms(r["starts_at"]), _ms(r["ends_at"]), r["reason"],
+                                          r["created_by"]) for r in rows]  # type: ignore[arg-type]
+        return self.windows
+
+    async def add_window(self, scope: str, target: str, starts_ms: int, ends_ms: int,
+                         reason: str, actor: str) -> int:
+        return int(await self.pool.fetchval(
+            "insert into maintenance_windows (scope, target, starts_at, ends_at, reason, "
+            "created_by) values ($1,$2,$3,$4,$5,$6) returning window_id",
+            scope, target, _ts(starts_ms), _ts(ends_ms), reason, actor))
+
+    async def delete_window(self, window_id: int) -> bool:
+        return (await self.pool.execute("delete from maintenance_windows where window_id = $1",
+                                        window_id)) == "DELETE 1"
+
+    # --- checkpoints --------------------------------------------------------------------------
+    async def checkpoint(self, group: str,
+                         state: Iterable[tuple[str, str, str, dict[str, Any] | None]],
+                         offsets: dict[tuple[str, int], int],
+                         blobs: Iterable[tuple[str, str, bytes]] = ()) -> None:
+        """Rule state and the offsets it reflects, atomically: a restart resumes exactly here."""
+        rows = list(state)
+        async with self.pool.acquire() as conn, conn.transaction():
+            dead = [(r, k) for r, _, k, st in rows if st is None]
+            live = [(r, h, k, st) for r, h, k, st in rows if st is not None]
+            if dead:
+                await conn.executemany("delete from alert_rule_state where rule_id = $1 and "
+                                       "key = $2", dead)
+            if live:  # one statement for thousands of keys
+                await conn.execute(
+                    "insert into alert_rule_state (rule_id, rule_hash, key, state) "
+                    "select * from unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) "
+                    "on conflict (rule_id, key) do update set rule_hash = excluded.rule_hash, "
+                    "state = excluded.state, updated_at = now()",
+                    *(list(col) for col in zip(*live, strict=True)))
+            blob_rows = list(blobs)
+            if blob_rows:
+                await conn.executemany(
+                    "insert into alert_rule_blobs (rule_id, rule_hash, blob) values ($1,$2,$3) "
+                    "on conflict (rule_id) do update set rule_hash = excluded.rule_hash, "
+                    "blob = excluded.blob, updated_at = now()", blob_rows)
+            if offsets:
+                await conn.executemany(
+                    "insert into alert_consumer_offsets (grp, topic, partition, next_offset) "
+                    "values ($1,$2,$3,$4) on conflict (grp, topic, partition) do update set "
+                    "next_offset = excluded.next_offset, updated_at = now()",
+                    [(group, t, p, o) for (t, p), o in offsets.items()])
+        CHECKPOINTS.inc()
+
+    async def load_state(self) -> list[tuple[str, str, str, dict[str, Any]]]:
+        rows = await self.pool.fetch("select rule_id, rule_hash, key, state from alert_rule_state")
+        return [(r["rule_id"], r["rule_hash"], r["key"], r["state"]) for r in rows]
+
+    async def load_blobs(self) -> list[tuple[str, str, bytes]]:
+        rows = await self.pool.fetch("select rule_id, rule_hash, blob from alert_rule_blobs")
+        return [(r["rule_id"], r["rule_hash"], bytes(r["blob"])) for r in rows]
+
+    async def load_offsets(self, group: str) -> dict[tuple[str, int], int]:
+        rows = await self.pool.fetch("select topic, partition, next_offset from "
+                                     "alert_consumer_offsets where grp = $1", group)
+        return {(r["topic"], r["partition"]): r["next_offset"] for r in rows}

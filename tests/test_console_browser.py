@@ -1,0 +1,258 @@
+"""The console in a real headless Chromium: log in, watch an alert arrive live, act on it.
+
+Everything is real: the alerts service consumes a scripted event from Kafka, stores the
+alert in PostgreSQL, publishes it; the console streams it to the page over SSE.
+Screenshots land in tests/artifacts/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+from playwright.async_api import BrowserContext, Page, Playwright, async_playwright, expect
+
+from alerts.console.auth import create_user
+from alerts.store import create_pool
+from alerts.testing import ConsoleServer, EventProducer, RunningService, make_event, now_ms
+from cityops.registry import load_fleet
+from cityops.settings import Settings
+from tests.support import free_port
+
+pytestmark = pytest.mark.browser
+RUN = uuid.uuid4().hex[:6]
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+USERS = {"viewer": f"viewer-{RUN}", "operator": f"operator-{RUN}",
+         "supervisor": f"supervisor-{RUN}"}
+PASSWORD = "browser-pass-1"
+FLEET = load_fleet(Settings().fleet_file)
+JAM = next(s for s in FLEET if s.landmark == "street_30_4" and s.domain == "traffic")
+
+
+@pytest.fixture(scope="module")
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    p = await create_pool(settings.pg_dsn)
+    for role, name in USERS.items():
+        await create_user(p, name, PASSWORD, role)
+    yield p
+    await p.close()
+
+
+@pytest.fixture(scope="module")
+async def console(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[ConsoleServer]:
+    srv = ConsoleServer(settings, free_port())
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture(scope="module")
+async def alerts_service(settings: Settings,
+                         tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[None]:
+    rules = tmp_path_factory.mktemp("browser-rules") / "rules.yaml"
+    rules.write_text(f"""
+rules:
+  - id: browser_jam
+    type: threshold
+    severity: major
+    title: "Jam on {{landmark_name}} {RUN}"
+    match: {{sensors: [{JAM.sensor_id}]}}
+    metric: speed_kmh
+    op: "<"
+    value: 10
+    clear_value: 18
+""")
+    svc = RunningService(settings, rules, f"browser-{RUN}", update_every_s=0.0, tick_s=0.2)
+    await svc.start()
+    yield
+    await svc.stop()
+
+
+@pytest.fixture(scope="module")
+async def playwright() -> AsyncIterator[Playwright]:
+    async with async_playwright() as p:
+        yield p
+
+
+@pytest.fixture
+async def context(playwright: Playwright) -> AsyncIterator[BrowserContext]:
+    """A fresh Chromium profile per test; HOME/TMPDIR kept inside a throwaway folder."""
+    with tempfile.TemporaryDirectory(prefix="cityops-chromium-") as home:
+        profile = Path(home) / "profile"
+        ctx = await playwright.chromium.launch_persistent_context(
+            str(profile), executable_path="/usr/bin/chromium", headless=True,
+            args=CHROMIUM_ARGS, env={"HOME": home, "TMPDIR": home},
+            viewport={"width": 1366, "height": 768})
+        try:
+            yield ctx
+        finally:
+            await ctx.close()
+
+
+async def sign_in(page: Page, console: ConsoleServer, user: str, password: str) -> None:
+    await page.goto(console.url + "/")
+    await expect(page).to_have_url(console.url + "/login")
+    await page.fill("#username", user)
+    await page.fill("#password", password)
+    await page.click("#login-button")
+
+
+async def test_login_rejects_wrong_password(context: BrowserContext,
+                                            console: ConsoleServer) -> None:
+    page = context.pages[0] if context.pages else await context.new_page()
+    await sign_in(page, console, USERS["operator"], "not-the-password")
+    await expect(page.locator("#login-error")).to_have_text("Wrong user name or password.")
+    await expect(page).to_have_url(console.url + "/login")
+    assert not [c for c in await context.cookies() if c["name"] == "cityops_session"]
+
+
+async def test_operator_sees_alert_live_and_acknowledges(
+        context: BrowserContext, console: ConsoleServer, alerts_service: None,
+        settings: Settings, pool: asyncpg.Pool, artifacts: Path) -> None:
+    page = context.pages[0] if context.pages else await context.new_page()
+    await sign_in(page, console, USERS["operator"], PASSWORD)
+    await expect(page).to_have_url(console.url + "/")
+    await expect(page.locator("#me")).to_have_text(f"{USERS['operator']} (operator)")
+    await expect(page.locator("#live")).to_have_class("live on")
+    await expect(page.locator("#map svg .district")).to_have_count(9)
+    title = f"Jam on 30/4 street {RUN}"
+    item = page.locator("li.alert", has_text=title)
+    await expect(item).to_have_count(0)
+    # a slow reading goes through Kafka, the rules and PostgreSQL to this open page
+    async with EventProducer(settings) as prod:
+        await prod.send(make_event(JAM.sensor_id, now_ms(), landmark=JAM.landmark,
+                                   lat=JAM.lat, lon=JAM.lon, speed_kmh=4))
+    await expect(item).to_have_count(1, timeout=15_000)
+    await expect(item.locator(".state")).to_have_text("Unacknowledged")
+    await expect(item.locator(".badge")).to_have_text("major")
+    await expect(page.locator(f'#map [data-sensor="{JAM.sensor_id}"]')).to_have_class(
+        "sensor dom-traffic sev-major")
+    # the district shows its worst active alert (other tests may have left a critical one)
+    await expect(page.locator('#map .district[data-district="ninh_kieu"]')).to_have_class(
+        re.compile(r"district alert-(critical|major)"))
+    await page.screenshot(path=str(artifacts / "console-1366x768.png"))
+    await page.locator("#map").screenshot(path=str(artifacts / "console-map-center.png"))
+    await item.locator(".ack-btn").click()
+    await expect(item.locator(".state")).to_have_text(f"Acknowledged by {USERS['operator']}")
+    await expect(item.locator(".ack-btn")).to_have_count(0)
+    # the state change was stored, with who did it
+    aid = int(await item.get_attribute("data-alert-id") or 0)
+    row = await pool.fetchrow("select acknowledged, acked_by from alerts where alert_id=$1", aid)
+    assert row["acknowledged"] and row["acked_by"] == USERS["operator"]
+    await page.click('button[data-view="city"]')
+    await expect(page.locator("#map svg")).to_have_attribute("data-view", "city")
+    await page.locator("#map").screenshot(path=str(artifacts / "console-map-city.png"))
+    # the same console on a phone
+    phone = await context.new_page()
+    await phone.set_viewport_size({"width": 390, "height": 844})
+    await phone.goto(console.url + "/")
+    await expect(phone.locator("li.alert", has_text=title)).to_have_count(1)
+    box = await phone.locator("li.alert", has_text=title).bounding_box()
+    assert box is not None and box["width"] <= 390
+    await phone.screenshot(path=str(artifacts / "console-phone.png"), full_page=True)
+
+
+async def test_viewer_has_no_acknowledge_and_api_refuses(
+        context: BrowserContext, console: ConsoleServer, alerts_service: None,
+        settings: Settings) -> None:
+    page = context.pages[0] if context.pages else await context.new_page()
+    async with EventProducer(settings) as prod:  # make sure an unacknowledged alert exists
+        await prod.send(make_event(JAM.sensor_id, now_ms(), landmark=JAM.landmark,
+                                   lat=JAM.lat, lon=JAM.lon, speed_kmh=4))
+    await sign_in(page, console, USERS["viewer"], PASSWORD)
+    await expect(page.locator("#me")).to_have_text(f"{USERS['viewer']} (viewer)")
+    item = page.locator("li.alert", has_text=f"Jam on 30/4 street {RUN}")
+    await expect(item).to_have_count(1, timeout=15_000)
+    await expect(page.locator("li.alert").first).to_be_visible()
+    assert await page.locator("button.ack-btn, button.clear-btn, button.comment-btn").count() == 0
+    aid = await item.get_attribute("data-alert-id")
+    status = await page.evaluate("""async (aid) => {
+        const me = await (await fetch('/api/me')).json();
+        const r = await fetch(`/api/alerts/${aid}/acknowledge`, {method: 'POST',
+            headers: {'X-CSRF-Token': me.csrf, 'Content-Type': 'application/json'}, body: '{}'});
+        return [r.status, (await r.json()).detail];
+    }""", aid)
+    assert status == [403, "requires the operator role"]
+
+
+async def test_sensor_page_latest_values_and_sparkline(
+        context: BrowserContext, console: ConsoleServer, pool: asyncpg.Pool,
+        artifacts: Path) -> None:
+    from cityops.registry import Sensor
+
+    # a sensor of this test only (the processors' tests own the fleet's rows)
+    s = Sensor(f"t{RUN}-ld", "traffic", "lane_detector", "compact", "ninh_kieu", "street_3_2",
+               10.03, 105.77, 60)
+    t0 = now_ms() - 40 * 60_000
+    rows = [(datetime.fromtimestamp((t0 + 60_000 * i) / 1000, UTC), s.sensor_id, m,
+             v, s.district, s.domain, s.type, s.landmark, f"{RUN}-{m}-{i}")
+            for i in range(40) for m, v in (("speed_kmh", 35 + 10 * ((i % 12) / 12) - i * 0.4),
+                                            ("flow", 40.0 + (i * 7) % 23))]
+    await pool.executemany("insert into readings (time, sensor_id, metric, value, district, "
+                           "domain, type, landmark, event_id) values ($1,$2,$3,$4,$5,$6,$7,"
+                           "$8,$9) on conflict do nothing", rows)
+    for r in rows[-2:]:
+        await pool.execute("insert into sensor_latest (sensor_id, metric, time, value, district,"
+                           " domain, type, landmark, event_id) values ($1,$2,$3,$4,$5,$6,$7,$8,"
+                           "$9) on conflict (sensor_id, metric) do update set value = "
+                           "excluded.value, time = excluded.time", r[1], r[2], r[0], *r[3:])
+    page = context.pages[0] if context.pages else await context.new_page()
+    await sign_in(page, console, USERS["viewer"], PASSWORD)
+    await expect(page).to_have_url(console.url + "/")
+    await page.goto(f"{console.url}/sensor/{s.sensor_id}")
+    await expect(page.locator("#sensor-title")).to_have_text(s.sensor_id)
+    await expect(page.locator('td[data-metric="speed_kmh"] svg.spark')).to_have_attribute(
+        "data-points", "40")
+    await expect(page.locator('td[data-metric="flow"] svg.spark')).to_have_count(1)
+    await page.screenshot(path=str(artifacts / "sensor-page.png"))
+
+
+async def test_supervisor_comments_assigns_clears_and_silences(
+        context: BrowserContext, console: ConsoleServer, pool: asyncpg.Pool,
+        artifacts: Path) -> None:
+    from alerts.model import Signal, SignalKind
+    from alerts.store import AlertStore
+
+    title = f"Door forced {RUN}"
+    (change,) = await AlertStore(pool).apply([Signal(
+        kind=SignalKind.RAISE, rule_id="browser_door", source=f"t{RUN}-door", at_ms=now_ms(),
+        severity="critical", title=title, sensor_id=f"t{RUN}-door", domain="security",
+        district="o_mon", landmark="o_mon_power")])
+    page = context.pages[0] if context.pages else await context.new_page()
+    answers = iter(["gate camera checked", "team-b"])
+    page.on("dialog", lambda d: asyncio.ensure_future(d.accept(next(answers))))
+    await sign_in(page, console, USERS["supervisor"], PASSWORD)
+    item = page.locator(f'li.alert[data-alert-id="{change.alert.alert_id}"]')
+    await expect(item.locator(".title")).to_have_text(title)
+    await item.locator(".comment-btn").click()
+    await item.locator(".assign-btn").click()
+    await expect(item).to_contain_text("→ team-b")
+    await item.locator(".clear-btn").click()
+    await expect(item).to_have_count(0)  # the active filter hides it
+    await page.select_option("#f-state", "cleared")
+    await expect(item.locator(".alert-state")).to_have_text("Cleared")
+    trail = [(r["actor"], r["action"]) for r in await pool.fetch(
+        "select actor, action from alert_audit where alert_id = $1 order by audit_id",
+        change.alert.alert_id)]
+    sup = USERS["supervisor"]
+    assert trail == [("system", "raised"), (sup, "commented"), (sup, "assigned"),
+                     (sup, "cleared")]
+    # a maintenance window for a district, from the console
+    await page.click("#maint-open")
+    await page.select_option("#m-scope", "district")
+    await page.fill("#m-target", "co_do")
+    await page.fill("#m-reason", f"fibre works {RUN}")
+    await page.click("#m-add")
+    await expect(page.locator("#maint-list tr", has_text=f"fibre works {RUN}")).to_have_count(1)
+    await page.screenshot(path=str(artifacts / "console-maintenance.png"))
+    assert await pool.fetchval("select count(*) from maintenance_windows where reason = $1",
+                               f"fibre works {RUN}") == 1
