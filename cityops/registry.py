@@ -155,12 +155,15 @@ def _parse_group(index: int, raw: dict[str, object]) -> SensorGroup:
         landmark(str(raw["landmark"]))
     except KeyError as exc:
         raise FleetError(f"{where}: field 'landmark': {exc.args[0]}") from None
-    count, interval, gw = raw["count"], raw.get("interval_s", 60), raw.get("gateway_size", 0)
-    for key, value in (("count", count), ("interval_s", interval), ("gateway_size", gw)):
-        if not isinstance(value, int) or value < 0 or (key != "gateway_size" and value == 0):
+    numbers: dict[str, int] = {}
+    for key, default in (("count", None), ("interval_s", 60), ("gateway_size", 0)):
+        value = raw.get(key, default)
+        if (not isinstance(value, int) or isinstance(value, bool) or value < 0
+                or (key != "gateway_size" and value == 0)):
             raise FleetError(f"{where}: field {key!r} must be a positive integer, got {value!r}")
-    return SensorGroup(domain, typ, vendor, str(raw["landmark"]), int(count),  # type: ignore[arg-type]
-                       int(interval), int(gw))  # type: ignore[arg-type]
+        numbers[key] = value
+    return SensorGroup(domain, typ, vendor, str(raw["landmark"]), numbers["count"],
+                       numbers["interval_s"], numbers["gateway_size"])
 
 
 def expand(name: str, groups: tuple[SensorGroup, ...]) -> Fleet:
