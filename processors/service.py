@@ -1,0 +1,359 @@
+"""``cityops process``: Kafka events and dead letters -> database, rollups -> Kafka.
+
+The loop, per batch:
+
+1. take a batch from the consumer group (``getmany``) until ``process_batch_max``
+   messages or ``process_batch_linger_ms`` after the first one;
+2. decode events in one msgspec call (a message that does not decode goes to the
+   dead-letter topic with its reason, the rest of the batch goes on);
+3. write everything in one database transaction (``processors.storage``);
+4. publish the batch's rollup partials on the aggregates topic and wait for the acks;
+5. only then commit the Kafka offsets.
+
+A crash before step 5 redelivers the batch; the write is idempotent and counts nothing
+twice, so every event is stored exactly once (effectively-once). Rollup partials and
+dead letters produced by this service are at-least-once on Kafka.
+
+Plain mode: the exact p95 recompute of merged windows runs for ended windows every
+``process_repair_interval_s``, for still-open ones when the consumer is idle or every
+``process_repair_open_s``; storage maintenance runs every
+``process_maintenance_interval_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.partitioner import DefaultPartitioner
+
+from cityops.registry import load_fleet
+from cityops.settings import Settings
+from ingest.contract import (
+    DeadLetter,
+    Event,
+    decode_deadletter,
+    decode_event,
+    decode_events,
+    encode_deadletter,
+)
+from processors import metrics
+from processors.batch import METRIC_BITS, Vocabularies, columns
+from processors.maintenance import run_maintenance
+from processors.rollup import ROLLUPS, Groups, Rollup, encode_rollup
+from processors.schema import migrate
+from processors.storage import Storage, StoredDeadLetter, WriteResult
+
+log = logging.getLogger(__name__)
+_PARTITIONER = DefaultPartitioner()
+
+Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+class Processor:
+    """One member of the processors' consumer group."""
+
+    def __init__(self, settings: Settings, storage: Storage) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.last_batch_at = time.monotonic()
+        self._last_repair = 0.0
+        self._last_open_repair = 0.0
+        self._last_maintenance = 0.0
+        self.healthy = False
+        self.stored_events = 0
+        self._partitions: list[int] = []
+        self._partition_of: dict[bytes, int] = {}
+
+    async def start(self) -> None:
+        s = self.settings
+        self.consumer = AIOKafkaConsumer(
+            s.topics.events, s.topics.deadletter, bootstrap_servers=s.kafka_bootstrap,
+            group_id=s.process_group, group_instance_id=instance_id(s),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024)
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5,
+            max_batch_size=1024 * 1024)
+        await self.producer.start()
+        await self.consumer.start()
+        self.healthy = True
+
+    async def stop(self) -> None:
+        self.healthy = False
+        if self.consumer is not None:
+            await self.consumer.stop()
+        if self.producer is not None:
+            await self.producer.stop()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        assert self.consumer is not None
+        while not stop.is_set():
+            records = await self.take_batch(stop)
+            if records:
+                await self.handle(records)
+            await self.housekeeping(idle=not records)
+
+    async def take_batch(self, stop: asyncio.Event) -> Records:
+        """Messages until the batch is full or the linger time after the first one ran out."""
+        assert self.consumer is not None
+        s = self.settings
+        out: Records = await self.consumer.getmany(timeout_ms=500, max_records=s.process_batch_max)
+        total = sum(len(v) for v in out.values())
+        if not total:
+            return out
+        deadline = time.monotonic() + s.process_batch_linger_ms / 1000
+        while total < s.process_batch_max and not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            more = await self.consumer.getmany(timeout_ms=int(left * 1000) or 1,
+                                               max_records=s.process_batch_max - total)
+            for tp, recs in more.items():
+                out.setdefault(tp, []).extend(recs)
+                total += len(recs)
+        return out
+
+    async def handle(self, records: Records) -> WriteResult:
+        """Decode, store, publish, then commit offsets: the whole effectively-once step."""
+        assert self.consumer is not None and self.producer is not None
+        topics = self.settings.topics
+        event_values: list[bytes | None] = []
+        letters: list[StoredDeadLetter] = []
+        for tp, recs in records.items():
+            metrics.MESSAGES.labels(tp.topic).inc(len(recs))
+            if tp.topic == topics.deadletter:
+                letters.extend(StoredDeadLetter(r.partition, r.offset, _as_deadletter(r.value))
+                               for r in recs)
+            else:
+                event_values.extend(r.value for r in recs)
+        metrics.BATCH_SIZE.observe(len(event_values) + len(letters))
+        events, bad = decode_all(event_values)
+        batch = columns(events, self.storage.vocab, self.storage.known_sensors)
+        result = await self.storage.write(batch, letters)
+        pending = []
+        for raw, reason in bad:
+            metrics.BAD_EVENTS.inc()
+            pending.append(await self.producer.send(topics.deadletter, encode_deadletter(
+                _bad_event_letter(raw, reason, topics.events))))
+        if self.settings.process_publish_rollups and result.readings:
+            pending += await self.publish_rollups(result.rollups)
+        if pending:
+            await asyncio.gather(*pending)
+        await self.commit(records)
+        self._record(result, records)
+        await self.update_lag()
+        return result
+
+    async def update_lag(self) -> None:
+        """Messages behind the high watermark on every events partition we own."""
+        assert self.consumer is not None
+        for tp in self.consumer.assignment():
+            if tp.topic != self.settings.topics.events:
+                continue
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            with contextlib.suppress(IllegalStateError, KafkaError):
+                position = await self.consumer.position(tp)
+                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(high - position, 0))
+
+    async def publish_rollups(self, rollups: dict[str, Groups]) -> list[asyncio.Future[Any]]:
+        """Rollup partials to the aggregates topic in per-partition batches.
+
+        One ``send()`` per message costs ~15 µs of client CPU; filling BatchBuilders per
+        partition (the default partitioner's choice, cached per key) is several times
+        cheaper, and a batch carries as many partials as a processor batch makes.
+        """
+        assert self.producer is not None
+        topic = self.settings.topics.aggregates
+        partitions = sorted(await self.producer.partitions_for(topic))
+        if partitions != self._partitions:
+            self._partitions, self._partition_of = partitions, {}
+        builders: dict[int, Any] = {}
+        futures = []
+        for name, groups in rollups.items():
+            msgs = rollup_messages(name, groups, self.storage.vocab)
+            for key, value in msgs:
+                p = self._partition_of.get(key)
+                if p is None:
+                    p = self._partition_of[key] = _PARTITIONER(key, partitions, partitions)
+                builder = builders.get(p)
+                if builder is None:
+                    builder = builders[p] = self.producer.create_batch()
+                if builder.append(key=key, value=value, timestamp=None) is None:  # full
+                    futures.append(await self.producer.send_batch(builder, topic, partition=p))
+                    builder = builders[p] = self.producer.create_batch()
+                    builder.append(key=key, value=value, timestamp=None)
+            metrics.ROLLUPS_PUBLISHED.labels(ROLLUPS[name][1]).inc(len(msgs))
+        for p, builder in builders.items():
+            if builder.record_count():
+                futures.append(await self.producer.send_batch(builder, topic, partition=p))
+        return futures
+
+    async def commit(self, records: Records) -> None:
+        assert self.consumer is not None
+        offsets = {tp: recs[-1].offset + 1 for tp, recs in records.items() if recs}
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # Partitions moved to another member meanwhile: it redelivers from the last
+            # committed offset and the idempotent write stores nothing twice.
+            log.warning("offset commit refused after a rebalance: %s", exc)
+
+    def _record(self, result: WriteResult, records: Records) -> None:
+        assert self.consumer is not None
+        metrics.BATCHES.inc()
+        metrics.ROWS_WRITTEN.labels("readings").inc(result.readings)
+        metrics.ROWS_WRITTEN.labels("incidents").inc(result.incidents)
+        metrics.ROWS_WRITTEN.labels("deadletters").inc(result.deadletters)
+        metrics.DUPLICATES.inc(result.duplicates)
+        metrics.WRITE_SECONDS.observe(result.write_s)
+        metrics.AGGREGATION_SECONDS.observe(result.aggregation_s)
+        self.stored_events += result.readings
+        self.last_batch_at = time.monotonic()
+
+    async def housekeeping(self, idle: bool) -> None:
+        s = self.settings
+        now = time.monotonic()
+        if idle:
+            await self.update_lag()
+        if self.storage.mode == "postgres":
+            # Ended windows often; still-open ones when idle or every open-repair interval.
+            include_open = idle or now - self._last_open_repair >= s.process_repair_open_s
+            if include_open or now - self._last_repair >= s.process_repair_interval_s:
+                self._last_repair = now
+                if include_open:
+                    self._last_open_repair = now
+                await self.storage.repair_p95(include_open=include_open)
+        if now - self._last_maintenance >= s.process_maintenance_interval_s:
+            self._last_maintenance = now
+            try:
+                done = await run_maintenance(self.storage.conn, self.storage.mode,
+                                             s.retention_days)
+                if done:
+                    log.info("storage maintenance", extra={"fields": {"done": done}})
+            except Exception:
+                log.exception("storage maintenance failed; will retry next period")
+
+
+def instance_id(settings: Settings) -> str | None:
+    """The static group member id (see ``Settings.process_instance_id``).
+
+    Static membership is what lets a processor killed with -9 come back at once: the
+    restarted member replaces its dead self instead of waiting for the broker to expire
+    it (and noida-db, the local test broker, never expires a dead group leader at all).
+    """
+    if settings.process_instance_id == "auto":
+        # The metrics port is unique per processor on a host (it binds it) and stable
+        # across restarts: exactly what a static member id must be.
+        return f"{socket.gethostname()}-process-{settings.process_metrics_port}"
+    return settings.process_instance_id or None
+
+
+def decode_all(values: list[bytes | None]) -> tuple[list[Event], list[tuple[bytes, str]]]:
+    """All events of a batch in one decoder call; on failure, isolate the bad messages."""
+    if not values:
+        return [], []
+    if all(v is not None for v in values):
+        try:
+            return decode_events(values), []  # type: ignore[arg-type]
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass
+    events: list[Event] = []
+    bad: list[tuple[bytes, str]] = []
+    for v in values:
+        if v is None:
+            bad.append((b"", "empty message (tombstone) on the events topic"))
+            continue
+        try:
+            events.append(decode_event(v))
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            bad.append((v, str(exc)))
+    return events, bad
+
+
+def _bad_event_letter(raw: bytes, reason: str, topic: str) -> DeadLetter:
+    try:
+        payload, encoding = raw.decode(), "utf-8"
+    except UnicodeDecodeError:
+        payload, encoding = base64.b64encode(raw).decode(), "base64"
+    return DeadLetter(reason="bad_event", detail=reason[:2000], mqtt_topic=f"kafka:{topic}",
+                      payload=payload, payload_encoding=encoding,
+                      received_at=int(time.time() * 1000), service="processor")
+
+
+def _as_deadletter(value: bytes | None) -> DeadLetter:
+    """A dead-letter message as stored; one that does not decode is stored as such."""
+    try:
+        return decode_deadletter(value or b"")
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raw = value or b""
+        return DeadLetter(reason="bad_deadletter", detail=str(exc)[:2000], mqtt_topic="",
+                          payload=base64.b64encode(raw).decode(), payload_encoding="base64",
+                          received_at=int(time.time() * 1000), service="processor")
+
+
+def rollup_messages(name: str, g: Groups, vocab: Vocabularies) -> list[tuple[bytes, bytes]]:
+    """(key, JSON value) of every partial of one rollup, keyed by sensor id or district."""
+    scope, window = ROLLUPS[name]
+    if not len(g):
+        return []
+    mask = (1 << METRIC_BITS) - 1
+    metric = vocab.metrics.lookup(g.key & mask)
+    high = (g.key >> METRIC_BITS)
+    if scope == "sensor":
+        sensor_ids = vocab.sensors.lookup(high)
+        areas = [vocab.areas.names[vocab.sensor_area[c]] for c in high.tolist()]
+    else:
+        sensor_ids = [None] * len(g)
+        areas = vocab.areas.lookup(high).tolist()
+    out = []
+    for sid, (district, domain), m, b, n, sm, lo, hi, mean, p95 in zip(
+            sensor_ids, areas, metric, g.bucket_ms.tolist(), g.n.tolist(), g.sum.tolist(),
+            g.min.tolist(), g.max.tolist(), g.mean.tolist(), g.p95.tolist(), strict=True):
+        r = Rollup(scope=scope, window=window, bucket=b, sensor_id=sid, district=district,
+                   domain=domain, metric=m, n=n, sum=sm, min=lo, max=hi, mean=mean, p95=p95)
+        out.append(((sid or district).encode(), encode_rollup(r)))
+    return out
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> int:
+    """Migrate, register the fleet, then consume until ``stop`` is set."""
+    from cityops.service import serve_http
+
+    mode = await migrate(settings.pg_dsn, settings.storage_mode,
+                         retention_days=settings.retention_days)
+    storage = await Storage.connect(settings.pg_dsn, mode)
+    processor = Processor(settings, storage)
+    server = serve_http("process", settings.bind_host, settings.process_metrics_port,
+                        health=lambda: processor.healthy)
+    try:
+        try:
+            n = await storage.load_fleet(load_fleet(settings.fleet_file))
+            log.info("sensor registry loaded", extra={"fields": {"sensors": n}})
+        except Exception as exc:  # a missing fleet file must not stop storing events
+            log.error("could not load the fleet file %s: %s", settings.fleet_file, exc)
+        await processor.start()
+        log.info("processor started", extra={"fields": {
+            "mode": mode, "group": settings.process_group, "topics": [
+                settings.topics.events, settings.topics.deadletter]}})
+        await processor.run(stop)
+        return 0
+    finally:
+        with contextlib.suppress(KafkaError, OSError, asyncio.CancelledError):
+            await processor.stop()
+        await storage.close()
+        server.shutdown()
+

@@ -1,0 +1,465 @@
+"""The processor end to end against the real stack (Kafka broker + PostgreSQL, plain mode).
+
+Each test gets its own topics, consumer group, sensor ids and districts, so it sees only
+its own data even though the session's database is shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from cityops.settings import Settings, Topics
+from cityops.stack.servers import create_topics
+from ingest.contract import DeadLetter, Event, encode_deadletter, encode_event
+from processors import queries
+from processors.batch import Vocabularies, columns
+from processors.maintenance import run_maintenance
+from processors.rollup import ROLLUPS, aggregate, decode_rollup
+from processors.service import Processor
+from processors.storage import Storage
+from processors.testing import make_stream, reference_latest, reference_rollups
+from tests.support import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def private(settings: Settings, tag: str, **changes: object) -> Settings:
+    topics = Topics(events=f"{tag}.events", deadletter=f"{tag}.deadletter",
+                    aggregates=f"{tag}.aggregates", alerts=f"{tag}.alerts")
+    values: dict[str, object] = {
+        "topics": topics, "process_group": f"{tag}-processors", "process_batch_max": 400,
+        "process_batch_linger_ms": 30, "process_repair_interval_s": 0.2,
+        "process_repair_open_s": 0.5,
+        "process_metrics_port": free_port(), **changes}
+    return settings.replace(**values)
+
+
+async def produce(settings: Settings, events: list[Event], extra: list[tuple[str, bytes]] = ()
+                  ) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all",
+                                linger_ms=5)
+    await producer.start()
+    try:
+        futs = [await producer.send(settings.topics.events, encode_event(e),
+                                    key=e.sensor_id.encode()) for e in events]
+        futs += [await producer.send(topic, value) for topic, value in extra]
+        await asyncio.gather(*futs)
+    finally:
+        await producer.stop()
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await check():
+            return
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"timed out after {within}s waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, storage: Storage) -> AsyncIterator[Processor]:
+    processor = Processor(settings, storage)
+    await processor.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(processor.run(stop))
+    try:
+        yield processor
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await processor.stop()
+
+
+async def count_rows(conn: asyncpg.Connection, tag: str) -> int:
+    return int(await conn.fetchval(
+        "select count(*) from readings where sensor_id like $1", f"{tag}-%"))
+
+
+async def db_rollups(conn: asyncpg.Connection, tag: str) -> dict[str, dict[tuple, tuple]]:
+    out = {}
+    for name, (scope, _) in ROLLUPS.items():
+        keys = "sensor_id, metric" if scope == "sensor" else "district, domain, metric"
+        col = "sensor_id" if scope == "sensor" else "district"
+        rows = await conn.fetch(
+            f"select bucket, {keys}, n, sum, min, max, mean, p95 from {name} "
+            f"where {col} like $1", f"{tag}%")
+        out[name] = {(int(r[0].timestamp() * 1000), *tuple(r)[1:-6]): tuple(r)[-6:]
+                     for r in rows}
+    return out
+
+
+def assert_rollups_equal(got: dict[str, dict[tuple, tuple]], want: dict[str, dict]) -> None:
+    for name, ref in want.items():
+        assert set(got[name]) == set(ref), f"{name}: different windows"
+        for key, s in ref.items():
+            n, total, lo, hi, mean, p95 = got[name][key]
+            assert n == s.n, (name, key)
+            assert (lo, hi) == (s.min, s.max), (name, key)
+            assert total == pytest.approx(s.sum, rel=1e-12, abs=1e-9), (name, key)
+            assert mean == pytest.approx(s.mean, rel=1e-12, abs=1e-9), (name, key)
+            assert p95 == pytest.approx(s.p95, rel=1e-12, abs=1e-9), (name, key)
+
+
+async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Settings) -> None:
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    s = private(settings, tag)
+    await create_topics(s)
+    now_ms = int(time.time() * 1000)
+    stream = make_stream(tag, now_ms - 60_000)
+    distinct = stream.distinct()
+    expected_rows = stream.reading_rows()
+    assert len(stream.all) > len(distinct)  # the stream does carry duplicates
+
+    letter = DeadLetter(reason="bad_json", detail=f"{tag}: expecting value", mqtt_topic=
+                        f"city/x/traffic/lane_detector/{tag}", payload="{not json",
+                        received_at=now_ms)
+    storage = await Storage.connect(s.pg_dsn, "postgres")
+    conn = await asyncpg.connect(s.pg_dsn)
+    try:
+        async with running(s, storage) as processor:
+            await produce(s, stream.first)
+            first_rows = {(e.event_id, m) for e in stream.first if e.kind == "reading"
+                          for m in e.measurements}
+            await wait_for(lambda: _eq(count_rows(conn, tag), len(first_rows)), 60,
+                           "the first phase stored")
+            # Phase 2: late readings for windows already rolled up, duplicates, bad input.
+            await produce(s, stream.second, extra=[
+                (s.topics.events, b'{"v": 1, "event_id": "broken'),
+                (s.topics.deadletter, encode_deadletter(letter)),
+                (s.topics.deadletter, encode_deadletter(letter))])
+            await wait_for(lambda: _eq(count_rows(conn, tag), len(expected_rows)), 60,
+                           "all readings stored")
+            await wait_for(lambda: _eq(conn.fetchval(
+                "select count(*) from deadletters where service = 'processor' "
+                "and payload like $1", '%"event_id": "broken%'), 1), 30,
+                "the bad event dead-lettered")
+            await wait_for(lambda: _eq(conn.fetchval("select count(*) from rollup_repair"), 0),
+                           30, "p95 repairs done")
+            assert processor.healthy
+
+        # Readings: every (event, metric) exactly once, with its value and dimensions.
+        rows = await conn.fetch("select event_id, metric, value, sensor_id, time from readings "
+                                "where sensor_id like $1", f"{tag}-%")
+        assert len(rows) == len(expected_rows)
+        assert {(r[0], r[1]) for r in rows} == expected_rows
+        by_id = {e.event_id: e for e in distinct}
+        for r in rows[:500]:
+            ev = by_id[r[0]]
+            assert r[2] == ev.measurements[r[1]] and r[3] == ev.sensor_id
+            assert int(r[4].timestamp() * 1000) == ev.event_time
+
+        # Rollups (after late data and p95 repair) equal the plain-Python reference.
+        want = reference_rollups(stream.all)
+        assert_rollups_equal(await db_rollups(conn, tag), want)
+
+        # Latest state by event time, not by arrival.
+        latest = {(r["sensor_id"], r["metric"]): (int(r["time"].timestamp() * 1000), r["value"])
+                  for r in await conn.fetch("select * from sensor_latest where sensor_id like $1",
+                                            f"{tag}-%")}
+        assert latest == reference_latest(stream.all)
+
+        # Incidents once each; the dead letter once per Kafka message (it was sent twice).
+        incidents = {e.event_id for e in distinct if e.kind == "incident"}
+        assert await conn.fetchval("select count(*) from incidents where sensor_id like $1",
+                                   f"{tag}-%") == len(incidents)
+        assert await conn.fetchval("select count(*) from deadletters where detail = $1",
+                                   letter.detail) == 2
+        # Sensors seen in events joined the registry.
+        assert await conn.fetchval("select count(*) from sensors where sensor_id like $1",
+                                   f"{tag}-%") == 24
+
+        # The shared queries answer from the same data.
+        d0 = f"{tag}_d0"
+        start = datetime.fromtimestamp((now_ms - 4 * 3_600_000) / 1000, UTC)
+        end = datetime.fromtimestamp(now_ms / 1000, UTC)
+        drows = await queries.district_rollups(conn, "1h", start, end, district=d0)
+        assert {(int(r["bucket"].timestamp() * 1000), r["district"], r["domain"], r["metric"])
+                for r in drows} == {k for k in want["district_rollup_1h"] if k[1] == d0}
+        sid = f"{tag}-s001"
+        series = await queries.series(conn, sid, "flow", start, end)
+        assert [r["value"] for r in series] == [
+            e.measurements["flow"] for e in sorted(distinct, key=lambda e: e.event_time)
+            if e.sensor_id == sid and e.kind == "reading"]
+        assert len(await queries.latest(conn, district=d0)) == len(
+            [k for k in reference_latest(stream.all) if k[0] in
+             {e.sensor_id for e in distinct if e.district == d0}])
+
+        # The rollup partials on the aggregates topic merge to the same n/sum/min/max.
+        merged = await _merged_partials(s, tag)
+        for name, ref in want.items():
+            assert set(merged[name]) == set(ref), name
+            for key, st in ref.items():
+                n, total, lo, hi = merged[name][key]
+                assert (n, lo, hi) == (st.n, st.min, st.max)
+                assert total == pytest.approx(st.sum, rel=1e-9)
+    finally:
+        await conn.close()
+        await storage.close()
+
+
+async def _eq(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+async def _merged_partials(s: Settings, tag: str) -> dict[str, dict[tuple, list]]:
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka_bootstrap,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    out: dict[str, dict[tuple, list]] = defaultdict(dict)
+    try:
+        await consumer.topics()  # loads the cluster metadata
+        parts = [TopicPartition(s.topics.aggregates, p) for p in
+                 consumer.partitions_for_topic(s.topics.aggregates) or ()]
+        assert parts
+        consumer.assign(parts)
+        await consumer.seek_to_beginning(*parts)
+        ends = await consumer.end_offsets(parts)
+        deadline = time.monotonic() + 60
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < off for tp, off in ends.items()])
+
+        while await behind() and time.monotonic() < deadline:
+            got = await consumer.getmany(timeout_ms=1000)
+            for recs in got.values():
+                for rec in recs:
+                    r = decode_rollup(rec.value)
+                    name = f"{r.scope}_rollup_{r.window}"
+                    key = ((r.bucket, r.sensor_id, r.metric) if r.scope == "sensor"
+                           else (r.bucket, r.district, r.domain, r.metric))
+                    cur = out[name].get(key)
+                    out[name][key] = ([r.n, r.sum, r.min, r.max] if cur is None else
+                                      [cur[0] + r.n, cur[1] + r.sum, min(cur[2], r.min),
+                                       max(cur[3], r.max)])
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_same_batch_twice_counts_once(settings: Settings) -> None:
+    """A redelivered batch (crash after the DB commit, before the offset commit)."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    stream = make_stream(tag, int(time.time() * 1000), sensors=6, hours=0.2, seed=11)
+    storage = await Storage.connect(settings.pg_dsn, "postgres")
+    try:
+        first = await storage.write(columns(stream.first, storage.vocab, storage.known_sensors))
+        again = await storage.write(columns(stream.first, storage.vocab, storage.known_sensors))
+        assert first.readings > 0 and again.readings == 0
+        assert all(len(g) == 0 for g in again.rollups.values())
+        # Half old, half new: only the new half is aggregated.
+        mixed = stream.first[: len(stream.first) // 2] + stream.second
+        res = await storage.write(columns(mixed, storage.vocab, storage.known_sensors))
+        new_rows = {(e.event_id, m) for e in stream.second if e.kind == "reading"
+                    for m in e.measurements} - {(e.event_id, m) for e in stream.first
+                                                if e.kind == "reading" for m in e.measurements}
+        assert res.readings == len(new_rows)
+        assert int(res.rollups["sensor_rollup_1m"].n.sum()) == len(new_rows)
+        await storage.repair_p95(limit=100_000)
+        assert_rollups_equal(await db_rollups(storage.conn, tag), reference_rollups(stream.all))
+    finally:
+        await storage.close()
+
+
+def test_numpy_rollups_match_reference_on_random_batches() -> None:
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 17, 3000):
+        tag = f"r{size}"
+        stream = make_stream(tag, 1_800_000_000_000, sensors=max(3, size // 200), hours=1.5,
+                             incidents=0, late_share=0, dup_share=0, seed=int(rng.integers(99)))
+        events = stream.all[:size]
+        vocab = Vocabularies()
+        b = columns(events, vocab, set())
+        got = aggregate(b.sensor_key, b.area_key, b.time_ms, b.values)
+        want = reference_rollups(events)
+        for name, g in got.items():
+            ref = want[name]
+            assert len(g) == len(ref)
+            for i in range(len(g)):
+                m = vocab.metrics.names[int(g.key[i]) & 0xFFFF]
+                hi = int(g.key[i]) >> 16
+                if name.startswith("sensor"):
+                    key = (int(g.bucket_ms[i]), vocab.sensors.names[hi], m)
+                else:
+                    key = (int(g.bucket_ms[i]), *vocab.areas.names[hi], m)
+                s = ref[key]
+                assert (int(g.n[i]), g.min[i], g.max[i]) == (s.n, s.min, s.max)
+                assert g.sum[i] == pytest.approx(s.sum, rel=1e-12)
+                assert g.p95[i] == pytest.approx(s.p95, rel=1e-12, abs=1e-12)
+
+
+async def test_partman_premakes_and_drops_old_partitions(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        old = datetime.now(UTC) - timedelta(days=settings.retention_days + 5)
+        await conn.execute("select partman.create_partition_time('public.readings', $1)",
+                           [old])
+        part = f"readings_p{old:%Y_%m_%d}"
+        assert await conn.fetchval("select to_regclass($1) is not null", part)
+        await conn.execute(
+            "insert into readings (time, sensor_id, metric, value, district, domain, type, "
+            "landmark, event_id, quality) values ($1, 'old-s', 'flow', 1, 'd', 'traffic', "
+            "'lane_detector', 'l', $2, 0)", old, uuid.uuid4().hex)
+        done = await run_maintenance(conn, "postgres", settings.retention_days)
+        assert "partman.run_maintenance_proc" in done
+        assert not await conn.fetchval("select to_regclass($1) is not null", part)
+        ahead = datetime.now(UTC) + timedelta(days=3)
+        assert await conn.fetchval("select to_regclass($1) is not null",
+                                   f"readings_p{ahead:%Y_%m_%d}")
+    finally:
+        await conn.close()
+
+
+async def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(
+        settings: Settings, tmp_path: Path) -> None:
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    s = private(settings, tag, process_batch_max=300, process_batch_linger_ms=20)
+    await create_topics(s)
+    stream = make_stream(tag, int(time.time() * 1000) - 60_000, sensors=24, hours=2.0,
+                         interval_s=15, seed=7)
+    expected = stream.reading_rows()
+    await produce(s, stream.all)
+    config = tmp_path / "cityops.toml"
+    config.write_text(
+        f'host = "{s.host}"\nkafka_port = {s.kafka_port}\npg_port = {s.pg_port}\n'
+        f'state_dir = "{s.state_dir}"\nprocess_metrics_port = {s.process_metrics_port}\n'
+        f'process_group = "{s.process_group}"\nprocess_batch_max = 300\n'
+        f'process_batch_linger_ms = 20\nprocess_repair_interval_s = 0.2\n'
+        f'process_repair_open_s = 0.5\n'
+        f'storage_mode = "postgres"\n'
+        f'[topics]\nevents = "{s.topics.events}"\ndeadletter = "{s.topics.deadletter}"\n'
+        f'aggregates = "{s.topics.aggregates}"\nalerts = "{s.topics.alerts}"\n')
+    env = {**os.environ, "CITYOPS_CONFIG": str(config)}
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "cityops.cli", "process"], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "process.log", "ab"))
+
+    conn = await asyncpg.connect(s.pg_dsn)
+    procs = []
+    try:
+        # Kill -9 twice while batches are being written, at different fill levels.
+        for fraction in (0.2, 0.55):
+            proc = start()
+            procs.append(proc)
+            await wait_for(lambda f=fraction: _ge(count_rows(conn, tag), int(len(expected) * f)),
+                           90, f"{fraction:.0%} of the rows stored")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+        killed_at = await count_rows(conn, tag)
+        assert killed_at < len(expected)
+        proc = start()
+        procs.append(proc)
+        await wait_for(lambda: _eq(count_rows(conn, tag), len(expected)), 120, "all rows")
+        await wait_for(lambda: _eq(conn.fetchval("select count(*) from rollup_repair"), 0),
+                       30, "p95 repairs done")
+        url = f"http://127.0.0.1:{s.process_metrics_port}/metrics"
+        metrics = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert "cityops_process_batches_total" in metrics
+        assert 'cityops_process_consumer_lag{partition="0"}' in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        rows = await conn.fetch("select event_id, metric, count(*) from readings "
+                                "where sensor_id like $1 group by 1, 2", f"{tag}-%")
+        assert {(r[0], r[1]) for r in rows} == expected
+        assert all(r[2] == 1 for r in rows)
+        # No batch counted twice in the rollups, none lost: exact against the reference.
+        assert_rollups_equal(await db_rollups(conn, tag), reference_rollups(stream.all))
+        incidents = {e.event_id for e in stream.distinct() if e.kind == "incident"}
+        assert await conn.fetchval("select count(*) from incidents where sensor_id like $1",
+                                   f"{tag}-%") == len(incidents)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        await conn.close()
+        print((tmp_path / "process.log").read_text()[-4000:])  # shown when the test fails
+    log = (tmp_path / "process.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    json.loads(log.strip().splitlines()[0])  # JSON logs
+
+
+async def _ge(value: Awaitable[int], expected: int) -> bool:
+    return await value >= expected
+
+
+async def test_p95_repair_waits_for_open_windows_unless_asked(settings: Settings) -> None:
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    now_ms = int(time.time() * 1000)
+    # Two sensors' readings in an ended hour and in the current minute, in two batches.
+    stream = make_stream(tag, now_ms, sensors=6, hours=1.5, interval_s=10, incidents=0,
+                         dup_share=0, late_share=0.5, seed=13)
+    storage = await Storage.connect(settings.pg_dsn, "postgres")
+    conn = storage.conn
+    try:
+        for part in (stream.first, stream.second):
+            await storage.write(columns(part, storage.vocab, storage.known_sensors))
+        want = reference_rollups(stream.all)
+        current_hour = now_ms // 3_600_000 * 3_600_000
+        await storage.repair_p95(limit=100_000, include_open=False)
+        queued = {(r[0], int(r[1].timestamp() * 1000)) for r in await conn.fetch(
+            "select rollup, bucket from rollup_repair")}
+        assert ("sensor_rollup_1h", current_hour) in queued  # still open: left for later
+        assert all(b + (3_600_000 if n.endswith("1h") else 60_000) > now_ms - 5_000
+                   for n, b in queued)
+        got = await db_rollups(conn, tag)
+        for key, st in want["sensor_rollup_1h"].items():
+            n, _total, lo, hi, _, p95 = got["sensor_rollup_1h"][key]
+            assert (n, lo, hi) == (st.n, st.min, st.max)
+            if key[0] == current_hour:
+                assert lo <= p95 <= hi  # the largest partial p95 until repaired
+            else:
+                assert p95 == pytest.approx(st.p95, rel=1e-12)
+        await storage.repair_p95(limit=100_000, include_open=True)
+        assert_rollups_equal(await db_rollups(conn, tag), want)
+    finally:
+        await storage.close()
+
+
+async def test_partitions_are_kept_without_partman(settings: Settings) -> None:
+    """The fallback when pg_partman is not installed: daily partitions ahead, old ones dropped."""
+    from processors.maintenance import _fallback_partitions
+
+    admin = await asyncpg.connect(settings.pg_dsn)
+    db = f"nopartman_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"create database {db}")
+    conn = await asyncpg.connect(settings.pg_dsn.rsplit("/", 1)[0] + f"/{db}")
+    try:
+        for table in ("readings", "incidents"):
+            await conn.execute(f"create table {table} (time timestamptz not null) "
+                               "partition by range (time)")
+        now = datetime(2026, 3, 10, 12, tzinfo=UTC)
+        await conn.execute("create table readings_p2026_01_01 partition of readings "
+                           "for values from ('2026-01-01') to ('2026-01-02')")
+        done = await _fallback_partitions(conn, 30, now)
+        assert "dropped readings_p2026_01_01" in done
+        parts = {r[0] for r in await conn.fetch(
+            "select c.relname from pg_inherits i join pg_class c on c.oid = i.inhrelid")}
+        days = [f"2026_03_{d:02d}" for d in range(9, 14)]
+        assert parts == {f"{t}_p{d}" for t in ("readings", "incidents") for d in days}
+        assert await _fallback_partitions(conn, 30, now) == []  # idempotent
+    finally:
+        await conn.close()
+        await admin.execute(f"drop database {db}")
+        await admin.close()
