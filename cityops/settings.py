@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -87,18 +88,66 @@ class Settings:
 
     # --- Console ------------------------------------------------------------------
     console_secret: str = "cityops-dev-secret-change-me"
+    console_session_s: int = 12 * 3600  # console login lifetime (a night shift)
+
+    # --- Alerts (rules -> alert lifecycle; see alerts/service.py) ----------------------
+    alerts_group: str = "cityops-alerts"  # Kafka consumer group of `cityops alerts`
+    alerts_checkpoint_s: float = 1.0  # rule state + offsets checkpoint period
+    alerts_update_every_s: float = 5.0  # at most one "updated" change per alert this often
+    alerts_escalate_after_s: float = 300.0  # critical + unacknowledged this long: escalate
+
+    # --- Ingest (MQTT -> normalize -> Kafka; see ingest/service.py) -------------------
+    ingest_transport: str = "asyncio"  # MQTT client: asyncio (lean) | paho-thread | aiomqtt
+    ingest_batch_max: int = 2000  # MQTT messages normalized and produced as one batch
+    ingest_batch_linger_ms: int = 5  # how long a partial batch waits for more messages
+    ingest_inflight_max: int = 20_000  # received-not-yet-acked MQTT messages (the bounded queue)
+    ingest_max_payload_bytes: int = 256 * 1024  # larger payloads -> dead letter too_large
+    ingest_late_ms: int = 2 * 60 * 1000  # older than this on arrival -> Quality.LATE
+    ingest_too_old_ms: int = 24 * 3600 * 1000  # older -> dead letter too_old
+    ingest_future_ms: int = 5 * 60 * 1000  # further ahead -> dead letter in_future
+    ingest_dedup_window_s: int = 600  # same event id again within this window -> dropped
+    ingest_dedup_max_ids: int = 2_000_000  # memory bound of the duplicate window
+    ingest_session_expiry_s: int = 3600  # MQTT persistent session kept this long offline
+    kafka_compression: str = "zstd"  # producer codec: zstd | lz4 | gzip | snappy | none
+    kafka_linger_ms: int = 5
+    kafka_max_batch_bytes: int = 1024 * 1024
+
+    # --- Processors (Kafka -> database + numpy rollups; see processors/service.py) -----
+    process_group: str = "cityops-processors"  # Kafka consumer group of `cityops process`
+    process_batch_max: int = 5000  # Kafka messages per database transaction (at most)
+    process_batch_linger_ms: int = 200  # how long a partial batch waits for more messages
+    process_repair_interval_s: float = 5.0  # plain mode: exact p95 recompute, ended windows
+    process_repair_open_s: float = 60.0  # ... and of still-open windows (also when idle)
+    process_maintenance_interval_s: float = 3600.0  # partitions ahead/retention, timescale jobs
+    process_publish_rollups: bool = True  # rollup partials to the aggregates topic
+    # Kafka static membership (KIP-345): a restarted processor takes its old place in the
+    # group at once. "auto" = "<hostname>-process-<process_metrics_port>" (unique per host,
+    # stable across restarts); "" = dynamic membership.
+    process_instance_id: str = "auto"
+
+    # --- Production addresses (deploy/): one host locally, one per server in production -
+    mqtt_host_override: str = ""  # MQTT broker host, e.g. "mosquitto"; empty means `host`
+    mqtt_ca_file: str = ""  # CA bundle; when set, MQTT clients use TLS and verify the broker
+    kafka_bootstrap_override: str = ""  # "kafka-1:9092,kafka-2:9092,..."; empty: host:kafka_port
+    pg_host_override: str = ""  # database host, e.g. "timescaledb"; empty means `host`
+    bind_host: str = "127.0.0.1"  # where /metrics, /healthz, the console listen (0.0.0.0 in pods)
 
     # ------------------------------------------------------------------------------
     @property
+    def mqtt_host(self) -> str:
+        return self.mqtt_host_override or self.host
+
+    @property
     def kafka_bootstrap(self) -> str:
-        return f"{self.host}:{self.kafka_port}"
+        return self.kafka_bootstrap_override or f"{self.host}:{self.kafka_port}"
 
     @property
     def pg_dsn(self) -> str:
         if self.pg_dsn_override:
             return self.pg_dsn_override
         auth = self.pg_user + (f":{self.pg_password}" if self.pg_password else "")
-        return f"postgresql://{auth}@{self.host}:{self.pg_port}/{self.pg_database}"
+        host = self.pg_host_override or self.host
+        return f"postgresql://{auth}@{host}:{self.pg_port}/{self.pg_database}"
 
     @property
     def metrics_ports(self) -> dict[str, int]:
@@ -110,6 +159,14 @@ class Settings:
             "simulate": self.simulate_metrics_port,
             "console": self.console_port,
         }
+
+    def mqtt_tls_context(self) -> ssl.SSLContext | None:
+        """TLS for MQTT clients when ``mqtt_ca_file`` is set (production brokers listen on
+        8883 with TLS only), verifying the broker against that CA; None for plain MQTT.
+        paho: ``client.tls_set_context(ctx)``; aiomqtt: ``Client(..., tls_context=ctx)``."""
+        if not self.mqtt_ca_file:
+            return None
+        return ssl.create_default_context(cafile=self.mqtt_ca_file)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -179,6 +236,8 @@ def _coerce(name: str, raw: Any, default: Any) -> Any:
             return raw if isinstance(raw, bool) else str(raw).lower() in {"1", "true", "yes", "on"}
         if isinstance(default, int):
             return int(raw)
+        if isinstance(default, float):  # float settings (alerts timings)
+            return float(raw)
         if isinstance(default, Path):
             return Path(raw).expanduser().absolute()
         return str(raw)
