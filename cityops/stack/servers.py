@@ -291,7 +291,12 @@ class Postgres(Server):
                              f"{self.proc.tail()}")
         self.proc.adopt(int(pm.read_text().splitlines()[0]))
         wait_until(self.healthy, 30, "postgres", self.proc)
+
+    def up(self) -> bool:
+        """Start if needed, then always bring the schema up to date (migrations are idempotent)."""
+        started = super().up()
         run_sync(self.prepare())
+        return started
 
     def healthy(self) -> bool:
         return port_open(self.settings.host, self.port) and run_sync(self._ping())
