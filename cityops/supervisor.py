@@ -42,6 +42,7 @@ class Worker:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # extra CITYOPS_* for this worker only
 
     @property
     def name(self) -> str:
@@ -69,7 +70,7 @@ class Pipeline:
         self.workers: list[Worker] = []
 
     def add(self, service: str, replicas: int = 1, args: list[str] | None = None,
-            base_port: int | None = None) -> list[Worker]:
+            base_port: int | None = None, env: dict[str, str] | None = None) -> list[Worker]:
         """Declare ``replicas`` workers; replica i gets port base+i (base from settings)."""
         base = base_port if base_port is not None else getattr(self.settings, PORT_FIELD[service])
         existing = sum(1 for w in self.workers if w.service == service)
@@ -77,7 +78,7 @@ class Pipeline:
         for i in range(replicas):
             idx = existing + i
             port = base if idx == 0 else _free_port()
-            added.append(Worker(service, idx, port, list(args or [])))
+            added.append(Worker(service, idx, port, list(args or []), env=dict(env or {})))
         self.workers.extend(added)
         return added
 
@@ -85,7 +86,9 @@ class Pipeline:
         env = {**os.environ, **self.settings.to_env()}
         env[f"CITYOPS_{PORT_FIELD[worker.service].upper()}"] = str(worker.port)
         env["CITYOPS_WORKER_ID"] = worker.name
+        env[f"CITYOPS_{worker.service.upper()}_WORKER_ID"] = worker.name
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(worker.env)
         return env
 
     def start(self, worker: Worker) -> None:
@@ -144,6 +147,16 @@ class Pipeline:
         if wait_healthy:
             self.wait_healthy(wait_healthy, [worker])
         return time.monotonic() - t0
+
+    def respawn_dead(self) -> list[Worker]:
+        """Start again every worker whose process has exited (what a container runtime's
+        restart policy does: a service that stops on a lost broker comes back). Returns
+        the workers restarted."""
+        dead = [w for w in self.workers if w.proc is not None and not w.alive]
+        for w in dead:
+            w.restarts += 1
+            self.start(w)
+        return dead
 
     def stop_all(self, timeout: float = 20.0) -> None:
         """SIGTERM every worker (they drain), then SIGKILL what is left."""
