@@ -1,0 +1,264 @@
+"""The MQTT side of ingest: a persistent MQTT v5 session on the shared subscription,
+messages handed over in batches, each acknowledged only when the service says so.
+
+Three transports, same contract (``next_batch`` / ``ack``), chosen by the
+``ingest_transport`` setting:
+
+``asyncio``      (default) ``ingest.mqtt5``: a lean subscribe-only MQTT v5 client on an
+                 asyncio ``Protocol`` that parses many PUBLISH packets per socket read.
+                 Measured (``bench/ingest.py``), the whole ingest path then costs about a
+                 tenth of the CPU per message of a bare aiomqtt receive loop.
+``aiomqtt``      the asyncio client, everything on the event loop. Measured on this
+                 machine kind, its subscriber tops out near 14-16k msg/s
+                 (``shared/platform-notes.md``): each message costs a task and an
+                 ``asyncio.wait`` in its iterator, plus paho's per-message objects.
+``paho-thread``  paho's own network loop in a thread; its callback only appends to a
+                 list, and the event loop takes whole batches from it. Cheaper than
+                 aiomqtt, but paho's parsing and the GIL hand-offs remain.
+
+Both use manual acknowledgement: a QoS 1 message is PUBACKed only after Kafka has
+acknowledged everything made from it, so a crash before that leaves it in the broker's
+session for redelivery. The session survives the process (clean start off, session
+expiry set, stable client id per worker). MQTT v5 Receive Maximum caps the
+unacknowledged messages the broker will send us: that is the bound on ingest's
+in-memory queue, and when it is reached Mosquitto holds (queues) the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Protocol
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from cityops.settings import Settings
+from ingest.normalize import InboundMessage
+
+log = logging.getLogger("cityops.ingest.mqtt")
+RECEIVE_MAXIMUM_LIMIT = 65_535  # the protocol's ceiling for Receive Maximum
+_PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, packet id
+
+
+def send_acks(client: paho.Client, acks: list[tuple[int, int]]) -> None:
+    """PUBACK a batch of QoS 1 messages with one queued write.
+
+    paho's public ``ack(mid, qos)`` queues one 4-byte packet per call, wakes its network
+    thread with a syscall per call and then sends each packet with its own ``send()``:
+    profiled, that was an eighth of ingest's CPU at full speed. The PUBACKs below are
+    byte for byte what ``ack()`` queues (paho's ``_send_command_with_mid``; MQTT v5 lets
+    a success PUBACK omit its reason code), concatenated and handed to paho's packet
+    queue once. If paho's internals ever change shape, or for QoS 2, we fall back to
+    the public call.
+    """
+    queue = getattr(client, "_packet_queue", None)
+    if queue is None or any(qos != 1 for _, qos in acks):
+        for mid, qos in acks:
+            client.ack(mid, qos)
+        return
+    if acks:
+        queue(paho.PUBACK, b"".join([_PUBACK.pack(paho.PUBACK, 2, mid) for mid, _ in acks]),
+              0, 0)
+
+
+@dataclass(slots=True)
+class MqttBatch:
+    """Messages taken from MQTT together, and what acknowledging them needs."""
+
+    messages: list[InboundMessage] = field(default_factory=list)
+    acks: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos) of QoS>0 messages
+
+
+class MqttSource(Protocol):
+    async def __aenter__(self) -> MqttSource: ...
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+    async def next_batch(self) -> MqttBatch: ...
+    def ack(self, batch: MqttBatch) -> None: ...
+
+
+def subscription(settings: Settings) -> str:
+    return f"$share/{settings.mqtt_share_group}/{settings.mqtt_topic_root}/#"
+
+
+def connect_properties(settings: Settings) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = settings.ingest_session_expiry_s
+    props.ReceiveMaximum = max(1, min(settings.ingest_inflight_max, RECEIVE_MAXIMUM_LIMIT))
+    return props
+
+
+def open_source(settings: Settings, client_id: str, transport: str | None = None) -> MqttSource:
+    kind = (transport or settings.ingest_transport).lower()
+    if kind == "aiomqtt":
+        return AiomqttSource(settings, client_id)
+    if kind == "paho-thread":
+        return PahoThreadSource(settings, client_id)
+    if kind == "asyncio":
+        from ingest.mqtt5 import LeanMqttSource
+
+        return LeanMqttSource(settings, client_id)
+    raise ValueError(f"unknown ingest transport {kind!r} (asyncio | paho-thread | aiomqtt)")
+
+
+class AiomqttSource:
+    """The aiomqtt transport (see module doc)."""
+
+    def __init__(self, settings: Settings, client_id: str) -> None:
+        self.settings = settings
+        self.max_batch = settings.ingest_batch_max
+        self.linger = settings.ingest_batch_linger_ms / 1000
+        self.client = aiomqtt.Client(
+            settings.host, settings.mqtt_port,
+            username=settings.mqtt_ingest_user, password=settings.mqtt_ingest_password,
+            identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False, properties=connect_properties(settings), keepalive=30)
+        # aiomqtt has no public manual-acknowledgement API yet (aiomqtt issue #345, draft
+        # PR #346), and without one paho PUBACKs every message as soon as it is parsed,
+        # before Kafka has it: a crash would lose it. So we switch the underlying paho
+        # client to manual acks before connecting, and call its ``ack(mid, qos)`` from the
+        # event loop (aiomqtt drives paho from that same loop, so no thread is involved).
+        self._paho: paho.Client = self.client._client
+        self._paho.manual_ack_set(True)
+
+    async def __aenter__(self) -> AiomqttSource:
+        await self.client.__aenter__()
+        # A resumed session pours its backlog in before the SUBACK: allow for the wait.
+        await self.client.subscribe(subscription(self.settings), qos=1, timeout=60)
+        self._messages = self.client.messages.__aiter__()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.client.__aexit__(et, e, tb)
+
+    async def next_batch(self) -> MqttBatch:
+        """Wait for one message, then take what else arrives within the linger time."""
+        first = await anext(self._messages)
+        msgs = [first]
+        for attempt in range(2):
+            while len(msgs) < self.max_batch and len(self.client.messages):
+                msgs.append(await anext(self._messages))
+            if attempt == 0 and len(msgs) < self.max_batch:
+                await asyncio.sleep(self.linger)
+        now = int(time.time() * 1000)
+        batch = MqttBatch()
+        for m in msgs:
+            payload = m.payload if isinstance(m.payload, bytes) else bytes(m.payload)  # type: ignore[arg-type]
+            batch.messages.append(InboundMessage(m.topic.value, payload, now))
+            if m.qos:
+                batch.acks.append((m.mid, m.qos))
+        return batch
+
+    def ack(self, batch: MqttBatch) -> None:
+        send_acks(self._paho, batch.acks)
+
+
+class PahoThreadSource:
+    """The paho-in-a-thread transport (see module doc)."""
+
+    def __init__(self, settings: Settings, client_id: str) -> None:
+        self.settings = settings
+        self.max_batch = settings.ingest_batch_max
+        self.linger = settings.ingest_batch_linger_ms / 1000
+        self._paho = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                                 protocol=paho.MQTTv5, manual_ack=True)
+        self._paho.username_pw_set(settings.mqtt_ingest_user, settings.mqtt_ingest_password)
+        self._paho.on_message = self._on_message
+        self._paho.on_connect = self._on_connect
+        self._paho.on_disconnect = self._on_disconnect
+        self._buf: list[tuple[str, bytes, int, int]] = []
+        self._lock = threading.Lock()
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._closing = False
+
+    # -- paho thread -------------------------------------------------------------------
+    def _on_connect(self, client: paho.Client, userdata: object, flags: object,
+                    reason: object, props: object = None) -> None:
+        if getattr(reason, "is_failure", False):
+            self._set_error(ConnectionError(f"MQTT connect refused: {reason}"))
+            return
+        # Subscribing again on a resumed session is harmless and covers a lost session.
+        client.subscribe(subscription(self.settings), qos=1)
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._connected.set)
+
+    def _on_disconnect(self, client: paho.Client, userdata: object, flags: object,
+                       reason: object, props: object = None) -> None:
+        if not self._closing:
+            log.warning("MQTT disconnected (%s); paho reconnects, unacked messages are "
+                        "redelivered", reason)
+
+    def _set_error(self, exc: BaseException) -> None:
+        self._error = exc
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._wake.set)
+        self._loop.call_soon_threadsafe(self._connected.set)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        item = (msg.topic, msg.payload, msg.mid, msg.qos)
+        with self._lock:
+            self._buf.append(item)
+            first = len(self._buf) == 1
+        if first:  # one wake-up per batch, not per message
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # -- event loop ----------------------------------------------------------------------
+    async def __aenter__(self) -> PahoThreadSource:
+        self._loop = asyncio.get_running_loop()
+        s = self.settings
+        await asyncio.to_thread(self._paho.connect, s.host, s.mqtt_port, 30,
+                                clean_start=False, properties=connect_properties(s))
+        self._paho.loop_start()
+        await asyncio.wait_for(self._connected.wait(), 15)
+        if self._error:
+            raise self._error
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._closing = True
+        self._paho.disconnect()
+        await asyncio.to_thread(self._paho.loop_stop)
+
+    def _take(self, limit: int) -> list[tuple[str, bytes, int, int]]:
+        with self._lock:
+            taken = self._buf[:limit]
+            del self._buf[:limit]
+        return taken
+
+    async def next_batch(self) -> MqttBatch:
+        """Wait for messages, then give a partial batch the linger time to fill up: Kafka
+        acknowledges a batch per round trip, so tiny batches would cap the throughput."""
+        while True:
+            if self._error:
+                raise self._error
+            taken = self._take(self.max_batch)
+            if taken:
+                break
+            self._wake.clear()
+            await self._wake.wait()
+        if len(taken) < self.max_batch and self.linger:
+            await asyncio.sleep(self.linger)
+            taken += self._take(self.max_batch - len(taken))
+        now = int(time.time() * 1000)
+        return MqttBatch([InboundMessage(t, p, now) for t, p, _, _ in taken],
+                         [(mid, qos) for _, _, mid, qos in taken if qos])
+
+    def ack(self, batch: MqttBatch) -> None:
+        # paho's packet queue is a deque appended to from here and drained by its
+        # network thread, which a byte on its socket pair wakes.
+        send_acks(self._paho, batch.acks)
