@@ -42,7 +42,7 @@ async def _serve(settings: Settings, path: Path) -> int:
     service = AlertService(settings, rules_file=path)
     stop = asyncio.Event()
     install_stop_signals(stop)
-    server = serve_http("alerts", settings.host, settings.alerts_metrics_port,
+    server = serve_http("alerts", settings.bind_host, settings.alerts_metrics_port,
                         health=service.healthy)
     try:
         await service.run(stop)

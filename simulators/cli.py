@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         port = settings.simulate_metrics_port + args.shard[0]
     if port:
         try:
-            serve_http("simulate", settings.host, port)
+            serve_http("simulate", settings.bind_host, port)
         except OSError as exc:
             log.warning("metrics port %s unavailable (%s); continuing without /metrics", port,
                         exc)

@@ -128,7 +128,10 @@ class MqttSink:
         self.client.max_queued_messages_set(0)
         self.client.on_publish = self._on_publish
         self.client.on_connect = self._on_connect
-        self.host, self.port = settings.host, settings.mqtt_port
+        self.host, self.port = settings.mqtt_host, settings.mqtt_port
+        tls = settings.mqtt_tls_context()
+        if tls is not None:
+            self.client.tls_set_context(tls)
 
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object,
                     reason_code: Any, properties: object) -> None:

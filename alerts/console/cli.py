@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     from alerts.console.app import create_app
 
-    config = uvicorn.Config(create_app(settings), host=settings.host,
+    config = uvicorn.Config(create_app(settings), host=settings.bind_host,
                             port=args.port or settings.console_port, log_level="warning",
                             access_log=False, proxy_headers=False,
                             timeout_graceful_shutdown=5)  # open SSE streams
