@@ -37,6 +37,7 @@ from alerts.rollups import decode_rollup, decode_rollups
 from alerts.ruleset import RulesFile
 from alerts.store import AlertStore, create_pool
 from cityops.registry import Fleet, load_fleet
+from cityops.service import static_member_id
 from cityops.settings import Settings
 from ingest.contract import DeadLetter, Event, decode_event, decode_events, encode_deadletter
 from processors.rollup import Rollup
@@ -97,6 +98,8 @@ class AlertService:
                                          enable_idempotence=True)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
+            # Static membership: a killed worker rejoins at once (see static_member_id).
+            group_instance_id=static_member_id("alerts", s.alerts_metrics_port),
             enable_auto_commit=False, auto_offset_reset="latest", max_poll_records=5000,
             fetch_max_wait_ms=50)
         await self.producer.start()

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -60,6 +61,18 @@ def serve_http(service: str, host: str, port: int,
     threading.Thread(target=server.serve_forever, name=f"{service}-http", daemon=True).start()
     BUILD_INFO.labels(service).set(1)
     return server
+
+
+def static_member_id(service: str, port: int) -> str:
+    """A Kafka static-membership id (KIP-345) for one consumer process on this host.
+
+    Static membership lets a worker killed with -9 take its old place in the consumer
+    group at once instead of waiting for the broker to expire it (noida-db, the local
+    broker, never expires a dead group leader at all). The service's metrics port is
+    unique per process on a host (it binds it) and stable across restarts; in a pod the
+    host name is the pod name.
+    """
+    return f"{socket.gethostname()}-{service}-{port}"
 
 
 class JsonFormatter(logging.Formatter):

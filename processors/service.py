@@ -26,7 +26,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import socket
 import time
 from typing import Any
 
@@ -36,6 +35,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from cityops.registry import load_fleet
+from cityops.service import static_member_id
 from cityops.settings import Settings
 from ingest.contract import (
     DeadLetter,
@@ -256,9 +256,7 @@ def instance_id(settings: Settings) -> str | None:
     it (and noida-db, the local test broker, never expires a dead group leader at all).
     """
     if settings.process_instance_id == "auto":
-        # The metrics port is unique per processor on a host (it binds it) and stable
-        # across restarts: exactly what a static member id must be.
-        return f"{socket.gethostname()}-process-{settings.process_metrics_port}"
+        return static_member_id("process", settings.process_metrics_port)
     return settings.process_instance_id or None
 
 
