@@ -108,8 +108,11 @@ class Settings:
     ingest_dedup_window_s: int = 600  # same event id again within this window -> dropped
     ingest_dedup_max_ids: int = 2_000_000  # memory bound of the duplicate window
     ingest_session_expiry_s: int = 3600  # MQTT persistent session kept this long offline
+    ingest_reconnect_min_ms: int = 100  # first MQTT reconnect / Kafka retry delay (jittered)
+    ingest_reconnect_max_ms: int = 2_000  # backoff cap (short: see ingest/mqtt.py)
     kafka_compression: str = "zstd"  # producer codec: zstd | lz4 | gzip | snappy | none
     kafka_linger_ms: int = 5
+    kafka_idempotent: bool = True  # ingest producer idempotence (noida-db caveat: ingest/kafka.py)
     kafka_max_batch_bytes: int = 1024 * 1024
 
     # --- Processors (Kafka -> database + numpy rollups; see processors/service.py) -----

@@ -48,7 +48,8 @@ async def _main(args: argparse.Namespace, settings: Settings) -> int:
     service = IngestService(settings, args.worker_id, transport=args.transport)
     tune_gc()
     port = settings.ingest_metrics_port if args.metrics_port is None else args.metrics_port
-    server = serve_http("ingest", settings.host, port, health=service.healthy) if port else None
+    server = (serve_http("ingest", settings.bind_host, port, health=service.healthy)
+              if port else None)
     stop = asyncio.Event()
     install_stop_signals(stop)
     stopper = asyncio.create_task(stop.wait())
@@ -65,5 +66,6 @@ async def _main(args: argparse.Namespace, settings: Settings) -> int:
     s = service.stats
     log.info("ingest worker %s stopped", args.worker_id, extra={"fields": {
         "messages": s.messages, "events": s.events, "duplicates": s.duplicates,
-        "deadletters": dict(s.deadletters)}})
+        "deadletters": dict(s.deadletters), "mqtt_reconnects": s.mqtt_reconnects,
+        "left_to_redelivery": s.left_to_redelivery, "kafka_retries": s.kafka_retries}})
     return 0

@@ -10,6 +10,19 @@ The producer is idempotent with ``acks=all``: a retried request cannot duplicate
 reorder a partition's records, so the only duplicates downstream can see are MQTT
 redeliveries after a crash, and those carry the same event id.
 
+A Kafka broker restart can leave the idempotent producer's sequence numbers out of step
+with the broker's (measured with noida-db: ``OutOfOrderSequenceNumber`` on every retry,
+forever). Such an error is final for that producer id, so ``renew`` replaces the client
+with a fresh one (a new producer id, sequences from zero); the service then hands the
+batches over again: at worst a duplicate, with the same event id.
+
+``kafka_idempotent`` turns idempotence off. Measured with noida-db 0.2.3 restarted under
+an idempotent producer: in about half the runs it answered ``OutOfOrderSequenceNumber``
+afterwards and 22-131 events it had acknowledged were missing from the topic
+(tests/test_ingest_reconnect.py). Without idempotence a retry can only duplicate (same
+event id, which consumers must accept anyway) and per-partition order holds, since
+aiokafka keeps one batch in flight per partition.
+
 Compression defaults to zstd (``kafka_compression``): aiokafka compresses lz4 at level 9
 (LZ4-HC), measured here at ~370 MB/s, a tenth of ingest's CPU at full speed; zstd at
 its default level 3 ran at ~1,600 MB/s and made batches of events 2.3x smaller. Both
@@ -19,16 +32,29 @@ need ``cramjam``, which aiokafka uses for every codec but gzip.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Awaitable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import DefaultPartitioner
 
 from cityops.settings import Settings
 from ingest.contract import DeadLetter, Event, encode_deadletter, encode_event
 from ingest.metrics import KAFKA_SEND_SECONDS
+
+log = logging.getLogger("cityops.ingest.kafka")
+# Errors after which this producer id can never succeed again: renew the client.
+PRODUCER_FATAL = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
+                  ProducerFenced)
 
 
 class EventProducer:
@@ -36,21 +62,27 @@ class EventProducer:
 
     def __init__(self, settings: Settings, client_id: str) -> None:
         self.topics = settings.topics
+        self.settings, self.client_id = settings, client_id
+        self.generation = 0  # bumped by ``renew``
+        self._producer = self._client()
+        self._partitioner = DefaultPartitioner()
+        self._partitions: dict[str, list[int]] = {}
+        # topic -> key -> (partition, key bytes): a dict hit instead of murmur2 per record
+        self._routes: dict[str, dict[str, tuple[int, bytes]]] = {}
+
+    def _client(self) -> AIOKafkaProducer:
+        settings, client_id = self.settings, self.client_id
         codec = settings.kafka_compression.lower()
-        self._producer = AIOKafkaProducer(
+        return AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             client_id=client_id,
             acks="all",
-            enable_idempotence=True,
+            enable_idempotence=settings.kafka_idempotent,
             compression_type=None if codec in ("", "none") else codec,
             linger_ms=settings.kafka_linger_ms,
             max_batch_size=settings.kafka_max_batch_bytes,
             max_request_size=max(settings.kafka_max_batch_bytes, 1024 * 1024) * 2,
         )
-        self._partitioner = DefaultPartitioner()
-        self._partitions: dict[str, list[int]] = {}
-        # topic -> key -> (partition, key bytes): a dict hit instead of murmur2 per record
-        self._routes: dict[str, dict[str, tuple[int, bytes]]] = {}
 
     async def start(self) -> None:
         await self._producer.start()
@@ -61,6 +93,30 @@ class EventProducer:
 
     async def stop(self) -> None:
         await self._producer.stop()
+
+    async def renew(self, generation: int) -> None:
+        """Replace the client after a ``PRODUCER_FATAL`` error seen on ``generation``
+        (once: batches of the same generation failing too do not renew it again)."""
+        if generation != self.generation:
+            return
+        self.generation += 1
+        old, self._producer = self._producer, self._client()
+        log.warning("Kafka producer %s: producer id no longer usable; starting a new one",
+                    self.client_id)
+        with contextlib.suppress(Exception):
+            # Its pending batches fail and are handed over again by the service.
+            await asyncio.wait_for(old.stop(), 5)
+        for attempt in range(30):  # the broker may still be coming back
+            try:
+                await self._producer.start()
+                return
+            except Exception as exc:
+                log.warning("Kafka producer %s: start failed (%s), attempt %d", self.client_id,
+                            exc, attempt + 1)
+                await self._producer.stop()
+                self._producer = self._client()
+                await asyncio.sleep(1)
+        await self._producer.start()
 
     def _route(self, topic: str, key: str) -> tuple[int, bytes]:
         routes = self._routes[topic]
@@ -81,7 +137,7 @@ class EventProducer:
         started = time.perf_counter()
         futures: list[asyncio.Future] = []
         for topic, records in (
-                (self.topics.events, [(e.sensor_id, encode_event(e), e.event_time)
+                (self.topics.events, [(e.sensor_id, encode_event(e), e.receive_time)
                                       for e in events]),
                 (self.topics.deadletter, [(d.sensor_id or d.mqtt_topic, encode_deadletter(d),
                                            d.received_at) for d in deadletters])):

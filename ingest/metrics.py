@@ -24,3 +24,10 @@ KAFKA_SEND_SECONDS = Histogram("cityops_ingest_kafka_send_seconds",
                                         0.5, 1, 2.5, 5, 10))
 QUEUE_DEPTH = Gauge("cityops_ingest_queue_depth",
                     "MQTT messages received and not yet acknowledged (waiting for Kafka)")
+MQTT_RECONNECTS = Counter("cityops_ingest_mqtt_reconnects_total",
+                          "attempts to reconnect to MQTT after the connection was lost "
+                          "(or could not be made)")
+MQTT_CONNECTED = Gauge("cityops_ingest_mqtt_connected",
+                       "1 while the MQTT session is connected and subscribed, else 0")
+KAFKA_RETRIES = Counter("cityops_ingest_kafka_retries_total",
+                        "batches handed to Kafka again after it failed to acknowledge them")

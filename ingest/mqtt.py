@@ -22,6 +22,16 @@ session for redelivery. The session survives the process (clean start off, sessi
 expiry set, stable client id per worker). MQTT v5 Receive Maximum caps the
 unacknowledged messages the broker will send us: that is the bound on ingest's
 in-memory queue, and when it is reached Mosquitto holds (queues) the rest.
+
+A source is one connection. When it is lost, ``next_batch`` raises one of
+``CONNECTION_LOST`` and the service opens a new source (same client id, clean start
+off) after a backoff. Packet ids belong to a connection: a message received on the old
+connection is never acknowledged on the new one (``ack`` returns False for it); the
+broker redelivers it on the resumed session instead, with the same payload, so the
+same event id. Every connect subscribes again: Mosquitto 2.0.11 restores a persistent
+session's queued messages after its own restart but not its SHARED subscription (a
+plain one it does), and until we subscribe, what sensors publish has no subscriber and
+is dropped. Hence the short backoff cap (``ingest_reconnect_max_ms``).
 """
 
 from __future__ import annotations
@@ -42,6 +52,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from cityops.settings import Settings
+from ingest import metrics
 from ingest.normalize import InboundMessage
 
 log = logging.getLogger("cityops.ingest.mqtt")
@@ -76,6 +87,17 @@ class MqttBatch:
 
     messages: list[InboundMessage] = field(default_factory=list)
     acks: list[tuple[int, int]] = field(default_factory=list)  # (mid, qos) of QoS>0 messages
+    connection: int = 0  # which connection of the source received them (paho reconnects)
+
+
+class MqttRefused(Exception):
+    """The broker refused our CONNECT (bad credentials, not authorized): retrying cannot
+    help, so the service stops instead of reconnecting."""
+
+
+# What a lost or failed MQTT connection raises, on any transport: reconnect and resume.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (ConnectionError, OSError, TimeoutError,
+                                                    aiomqtt.MqttError)
 
 
 class MqttSource(Protocol):
@@ -83,7 +105,7 @@ class MqttSource(Protocol):
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None: ...
     async def next_batch(self) -> MqttBatch: ...
-    def ack(self, batch: MqttBatch) -> None: ...
+    def ack(self, batch: MqttBatch) -> bool: ...
 
 
 def subscription(settings: Settings) -> str:
@@ -118,7 +140,7 @@ class AiomqttSource:
         self.max_batch = settings.ingest_batch_max
         self.linger = settings.ingest_batch_linger_ms / 1000
         self.client = aiomqtt.Client(
-            settings.host, settings.mqtt_port,
+            settings.mqtt_host, settings.mqtt_port, tls_context=settings.mqtt_tls_context(),
             username=settings.mqtt_ingest_user, password=settings.mqtt_ingest_password,
             identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=False, properties=connect_properties(settings), keepalive=30)
@@ -129,9 +151,15 @@ class AiomqttSource:
         # event loop (aiomqtt drives paho from that same loop, so no thread is involved).
         self._paho: paho.Client = self.client._client
         self._paho.manual_ack_set(True)
+        self._lost = False
 
     async def __aenter__(self) -> AiomqttSource:
-        await self.client.__aenter__()
+        try:
+            await self.client.__aenter__()
+        except aiomqtt.MqttCodeError as exc:
+            if exc.rc in (4, 5, 134, 135):  # bad user name or password / not authorized
+                raise MqttRefused(f"MQTT connect refused: {exc}") from exc
+            raise
         # A resumed session pours its backlog in before the SUBACK: allow for the wait.
         await self.client.subscribe(subscription(self.settings), qos=1, timeout=60)
         self._messages = self.client.messages.__aiter__()
@@ -139,11 +167,16 @@ class AiomqttSource:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
+        self._lost = True
         await self.client.__aexit__(et, e, tb)
 
     async def next_batch(self) -> MqttBatch:
         """Wait for one message, then take what else arrives within the linger time."""
-        first = await anext(self._messages)
+        try:
+            first = await anext(self._messages)
+        except BaseException:
+            self._lost = True
+            raise
         msgs = [first]
         for attempt in range(2):
             while len(msgs) < self.max_batch and len(self.client.messages):
@@ -159,8 +192,11 @@ class AiomqttSource:
                 batch.acks.append((m.mid, m.qos))
         return batch
 
-    def ack(self, batch: MqttBatch) -> None:
+    def ack(self, batch: MqttBatch) -> bool:
+        if self._lost or not self._paho.is_connected():
+            return False  # its packet ids died with the connection: the broker redelivers
         send_acks(self._paho, batch.acks)
+        return True
 
 
 class PahoThreadSource:
@@ -183,6 +219,8 @@ class PahoThreadSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
         self._closing = False
+        self._connection = 0  # bumped on every (re)connect, under the lock
+        self._taken_on = 0  # the connection the last ``_take`` took from
 
     # -- paho thread -------------------------------------------------------------------
     def _on_connect(self, client: paho.Client, userdata: object, flags: object,
@@ -190,6 +228,15 @@ class PahoThreadSource:
         if getattr(reason, "is_failure", False):
             self._set_error(ConnectionError(f"MQTT connect refused: {reason}"))
             return
+        # paho reconnects by itself: messages received on the old connection must not be
+        # acknowledged on this one (their packet ids are the old connection's, and the
+        # broker is about to redeliver them). Drop the unprocessed ones, and let batches
+        # already taken fail their ``ack``.
+        with self._lock:
+            if self._connection:
+                metrics.MQTT_RECONNECTS.inc()
+                self._buf.clear()
+            self._connection += 1
         # Subscribing again on a resumed session is harmless and covers a lost session.
         client.subscribe(subscription(self.settings), qos=1)
         assert self._loop is not None
@@ -220,7 +267,10 @@ class PahoThreadSource:
     async def __aenter__(self) -> PahoThreadSource:
         self._loop = asyncio.get_running_loop()
         s = self.settings
-        await asyncio.to_thread(self._paho.connect, s.host, s.mqtt_port, 30,
+        tls = s.mqtt_tls_context()
+        if tls is not None:
+            self._paho.tls_set_context(tls)
+        await asyncio.to_thread(self._paho.connect, s.mqtt_host, s.mqtt_port, 30,
                                 clean_start=False, properties=connect_properties(s))
         self._paho.loop_start()
         await asyncio.wait_for(self._connected.wait(), 15)
@@ -238,6 +288,7 @@ class PahoThreadSource:
         with self._lock:
             taken = self._buf[:limit]
             del self._buf[:limit]
+            self._taken_on = self._connection
         return taken
 
     async def next_batch(self) -> MqttBatch:
@@ -251,14 +302,22 @@ class PahoThreadSource:
                 break
             self._wake.clear()
             await self._wake.wait()
+        connection = self._taken_on
         if len(taken) < self.max_batch and self.linger:
             await asyncio.sleep(self.linger)
-            taken += self._take(self.max_batch - len(taken))
+            more = self._take(self.max_batch - len(taken))
+            if self._taken_on == connection:  # else: redelivered on the new connection
+                taken += more
+            else:
+                taken, connection = more, self._taken_on
         now = int(time.time() * 1000)
         return MqttBatch([InboundMessage(t, p, now) for t, p, _, _ in taken],
-                         [(mid, qos) for _, _, mid, qos in taken if qos])
+                         [(mid, qos) for _, _, mid, qos in taken if qos], connection)
 
-    def ack(self, batch: MqttBatch) -> None:
+    def ack(self, batch: MqttBatch) -> bool:
+        if batch.connection != self._connection:
+            return False  # received on a connection paho has since replaced
         # paho's packet queue is a deque appended to from here and drained by its
         # network thread, which a byte on its socket pair wakes.
         send_acks(self._paho, batch.acks)
+        return True

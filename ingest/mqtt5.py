@@ -14,9 +14,11 @@ password), CONNACK, SUBSCRIBE/SUBACK at QoS 1, PUBLISH in (QoS 0/1; QoS 2 is ref
 subscribing at QoS 1 only), PUBACK out, PINGREQ/PINGRESP keepalive, DISCONNECT both ways.
 It announces no Topic Alias Maximum, so the broker never sends topic aliases, and it
 skips PUBLISH properties (ingest uses none).
-A lost connection ends ``next_batch`` with ``ConnectionError``: the service stops and
-its supervisor restarts it, and the persistent session hands back whatever was not
-acknowledged.
+A lost connection ends ``next_batch`` with ``ConnectionError`` (so does a broker that
+stops answering: no byte for 1.5 keepalive periods closes the socket). The service
+then opens a new source, which resumes the persistent session: the broker hands back
+whatever was not acknowledged. Each source is one connection, so a PUBACK can never
+carry an old connection's packet id on a new one.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 from types import TracebackType
 
 from cityops.settings import Settings
-from ingest.mqtt import MqttBatch, connect_properties, subscription
+from ingest.mqtt import MqttBatch, MqttRefused, connect_properties, subscription
 from ingest.normalize import InboundMessage
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
@@ -85,6 +87,7 @@ class _Wire(asyncio.Protocol):
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
         self._topics: dict[bytes, str] = {}
+        self.received = 0  # bytes so far: the keepalive watchdog sees whether any came
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -98,6 +101,7 @@ class _Wire(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         buf = self.buf
         buf += data
+        self.received += len(data)
         n, pos = len(buf), 0
         topics, inbox = self._topics, self.inbox
         got = False
@@ -178,31 +182,70 @@ class LeanMqttSource:
     async def __aenter__(self) -> LeanMqttSource:
         s = self.settings
         loop = asyncio.get_running_loop()
-        _, wire = await loop.create_connection(_Wire, s.host, s.mqtt_port)
+        tls = s.mqtt_tls_context()  # production brokers speak MQTT over TLS only
+        _, wire = await asyncio.wait_for(loop.create_connection(
+            _Wire, s.mqtt_host, s.mqtt_port, ssl=tls,
+            server_hostname=s.mqtt_host if tls is not None else None), 15)
         self._wire = wire
+        try:
+            await self._handshake(wire)
+        except BaseException:
+            assert wire.transport is not None
+            wire.transport.abort()
+            raise
+        self._pinger = asyncio.create_task(self._ping())
+        return self
+
+    async def _handshake(self, wire: _Wire) -> None:
+        s = self.settings
         assert wire.transport is not None
         props = connect_properties(s)
         wire.transport.write(connect_packet(
             self.client_id, s.mqtt_ingest_user, s.mqtt_ingest_password, self.keepalive,
             props.SessionExpiryInterval, props.ReceiveMaximum))
-        kind, body = await asyncio.wait_for(wire.control.get(), 15)
+        kind, body = await self._control(wire)
+        if kind == CONNACK and len(body) >= 2 and body[1] in (0x86, 0x87):
+            raise MqttRefused(f"MQTT connect refused: bad user name or password / not "
+                              f"authorized (reason {body[1]:#x})")
         if kind != CONNACK or len(body) < 2 or body[1] != 0:
             raise ProtocolError(f"MQTT connect refused (packet {kind:#x}, "
                                 f"reason {body[1] if len(body) > 1 else '?'})")
         wire.transport.write(subscribe_packet(1, subscription(s)))
-        kind, body = await asyncio.wait_for(wire.control.get(), 15)
+        kind, body = await self._control(wire)
         # SUBACK: packet id (2), properties (varint length + bytes), one reason code.
         if kind != SUBACK or body[-1] > 2:
             raise ProtocolError(f"MQTT subscribe refused (packet {kind:#x}, "
                                 f"reason {body[-1] if body else '?'})")
-        self._pinger = asyncio.create_task(self._ping())
-        return self
+
+    @staticmethod
+    async def _control(wire: _Wire) -> tuple[int, bytes]:
+        """The next control packet, or ``ConnectionError`` if the connection dies first."""
+        getting = asyncio.ensure_future(wire.control.get())
+        done, _ = await asyncio.wait({getting, wire.closed}, timeout=15,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if getting in done:
+            return getting.result()
+        getting.cancel()
+        if wire.closed in done:
+            wire.closed.result()  # raises the ConnectionError
+        raise TimeoutError("MQTT broker did not answer within 15 s")
 
     async def _ping(self) -> None:
-        while True:
+        """Keepalive both ways: PINGREQ every half period; if nothing at all arrived for
+        1.5 periods (not even a PINGRESP), the broker is gone without a FIN (a host
+        reboot, a network partition): close, so ``next_batch`` raises and we reconnect."""
+        wire = self._wire
+        assert wire is not None and wire.transport is not None
+        seen, silent = wire.received, 0.0
+        while not wire.transport.is_closing():
             await asyncio.sleep(self.keepalive / 2)
-            if self._wire and self._wire.transport:
-                self._wire.transport.write(bytes([PINGREQ, 0]))
+            silent = 0.0 if wire.received != seen else silent + self.keepalive / 2
+            seen = wire.received
+            if silent >= self.keepalive * 1.5:
+                wire.connection_lost(TimeoutError("no PINGRESP from the MQTT broker"))
+                wire.transport.abort()
+                return
+            wire.transport.write(bytes([PINGREQ, 0]))
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -239,9 +282,12 @@ class LeanMqttSource:
         return MqttBatch([InboundMessage(t, p, now) for t, p, _, _ in taken],
                          [(mid, qos) for _, _, mid, qos in taken if qos])
 
-    def ack(self, batch: MqttBatch) -> None:
+    def ack(self, batch: MqttBatch) -> bool:
         wire = self._wire
         if wire is None or wire.transport is None or wire.transport.is_closing() \
-                or not batch.acks:
-            return  # unacknowledged: the session redelivers after the reconnect
-        wire.transport.write(b"".join([_PUBACK.pack(PUBACK, 2, mid) for mid, _ in batch.acks]))
+                or wire.closed.done():
+            return False  # unacknowledged: the session redelivers after the reconnect
+        if batch.acks:
+            wire.transport.write(b"".join([_PUBACK.pack(PUBACK, 2, mid)
+                                           for mid, _ in batch.acks]))
+        return True

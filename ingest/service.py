@@ -9,8 +9,21 @@ The pipeline, per batch of MQTT messages::
 Normalizing batch N+1 overlaps with Kafka acknowledging batch N (up to
 ``PIPELINE_DEPTH`` batches in flight). Messages are acknowledged to the broker strictly
 in order and only after Kafka acknowledged every event and dead letter made from them.
-If Kafka fails a batch, nothing after it is acknowledged and the service stops with an
-error: the broker redelivers all of it to the next ingest process.
+
+Riding through broker restarts (the front door of the city must not need a restarter):
+
+- MQTT lost: the session loop reconnects with capped exponential backoff and jitter,
+  same client id and clean start off, so the broker redelivers every unacknowledged
+  message. Batches from the old connection still finish their way into Kafka (their
+  events passed the duplicate window, so they must), but are never acknowledged on the
+  new connection: their packet ids died with the old one. ``/healthz`` is unhealthy
+  while disconnected.
+- Kafka unreachable: the idempotent producer retries; a batch it gives up on is handed
+  to it again (same events, same ids) with backoff, in order, until Kafka takes it. No
+  PUBACK leaves meanwhile, so MQTT Receive Maximum stops the broker sending: the
+  backlog waits in Mosquitto, not in our memory. Only a stop request during such an
+  outage ends the service with an error (nothing unacknowledged is lost: the broker
+  redelivers it to the next process).
 
 Memory is bounded twice: by MQTT v5 Receive Maximum (``ingest_inflight_max``: the
 broker sends no more unacknowledged messages, and queues the rest itself) and by the
@@ -30,9 +43,11 @@ from dataclasses import dataclass, field
 from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings
 from ingest import metrics
+from ingest.backoff import Backoff, sleep_unless
+from ingest.contract import DeadLetter, Event
 from ingest.dedup import DuplicateWindow
-from ingest.kafka import EventProducer
-from ingest.mqtt import MqttBatch, MqttSource, open_source
+from ingest.kafka import PRODUCER_FATAL, EventProducer
+from ingest.mqtt import CONNECTION_LOST, MqttBatch, MqttSource, open_source
 from ingest.normalize import Normalizer
 
 log = logging.getLogger("cityops.ingest")
@@ -52,13 +67,18 @@ class IngestStats:
     acked_messages: int = 0
     in_flight: int = 0  # received, not yet acknowledged to the broker
     peak_in_flight: int = 0
+    mqtt_reconnects: int = 0  # reconnect attempts after a lost (or failed) connection
+    left_to_redelivery: int = 0  # processed, but their connection was gone before the ack
+    kafka_retries: int = 0  # batches handed to Kafka again after a failure
 
 
 @dataclass(slots=True)
 class _InFlight:
-    acked: asyncio.Task[None]
+    acked: asyncio.Future[None]
     batch: MqttBatch
-    events: int
+    events: list[Event]
+    dead: list[DeadLetter]
+    producer_generation: int  # which Kafka client the ack future belongs to
 
 
 class IngestService:
@@ -75,7 +95,7 @@ class IngestService:
         self.dedup = DuplicateWindow(settings.ingest_dedup_window_s,
                                      settings.ingest_dedup_max_ids)
         self.stats = IngestStats()
-        self.ready = asyncio.Event()  # set once subscribed
+        self.ready = asyncio.Event()  # set while connected and subscribed
         self._stop = asyncio.Event()
         self._failed: BaseException | None = None
 
@@ -86,25 +106,60 @@ class IngestService:
         """Ask ``run`` to finish: in-flight batches are still acknowledged, then it returns."""
         self._stop.set()
 
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.ingest_reconnect_min_ms / 1000,
+                       self.settings.ingest_reconnect_max_ms / 1000)
+
     async def run(self) -> None:
         producer = EventProducer(self.settings, self.client_id)
         await producer.start()
         try:
-            async with open_source(self.settings, self.client_id, self.transport) as source:
-                self.ready.set()
-                log.info("ingest worker %s subscribed", self.worker_id,
-                         extra={"fields": {"transport": self.transport,
-                                           "client_id": self.client_id}})
-                await self._pump(source, producer)
+            await self._sessions(producer)
         finally:
-            self.ready.clear()
+            self._disconnected()
             await producer.stop()
         if self._failed is not None:
             raise self._failed
 
+    def _disconnected(self) -> None:
+        self.ready.clear()
+        metrics.MQTT_CONNECTED.set(0)
+
+    async def _sessions(self, producer: EventProducer) -> None:
+        """Connect, pump until the connection is lost, back off, resume the session."""
+        backoff = self._backoff()
+        while not self._stop.is_set():
+            try:
+                async with open_source(self.settings, self.client_id, self.transport) as source:
+                    self.ready.set()
+                    metrics.MQTT_CONNECTED.set(1)
+                    log.info("ingest worker %s subscribed", self.worker_id,
+                             extra={"fields": {"transport": self.transport,
+                                               "client_id": self.client_id,
+                                               "after_attempts": backoff.attempt}})
+                    backoff.reset()
+                    await self._pump(source, producer)
+            except CONNECTION_LOST as exc:
+                self._disconnected()
+                if self._stop.is_set() or self._failed is not None:
+                    return
+                delay = backoff.next()
+                self.stats.mqtt_reconnects += 1
+                metrics.MQTT_RECONNECTS.inc()
+                log.warning("MQTT connection lost or refused (%s: %s); reconnect attempt %d "
+                            "in %.2f s, resuming session %s", type(exc).__name__, exc,
+                            backoff.attempt, delay, self.client_id)
+                await sleep_unless(self._stop, delay)
+            else:
+                self._disconnected()
+            if self._failed is not None:
+                return
+
     async def _pump(self, source: MqttSource, producer: EventProducer) -> None:
+        """Take batches until stopped (returns) or the connection is lost (raises, after
+        the batches already taken have reached Kafka)."""
         pipeline: asyncio.Queue[_InFlight | None] = asyncio.Queue(PIPELINE_DEPTH)
-        acker = asyncio.create_task(self._ack_in_order(source, pipeline))
+        acker = asyncio.create_task(self._ack_in_order(source, pipeline, producer))
         stopping = asyncio.create_task(self._stop.wait())
         try:
             while not self._stop.is_set():
@@ -139,29 +194,70 @@ class IngestService:
             self.stats.deadletters[d.reason] += 1
             metrics.REJECTIONS.labels(d.reason).inc()
         metrics.BATCH_EVENTS.observe(len(events))
-        acked: Awaitable[None] = await producer.submit(events, dead)
-        return _InFlight(asyncio.ensure_future(acked), batch, len(events))
+        generation = producer.generation
+        return _InFlight(await self._submit(producer, events, dead), batch, events, dead,
+                         generation)
 
-    async def _ack_in_order(self, source: MqttSource,
-                            pipeline: asyncio.Queue[_InFlight | None]) -> None:
-        while (item := await pipeline.get()) is not None:
+    @staticmethod
+    async def _submit(producer: EventProducer, events: list[Event],
+                      dead: list[DeadLetter]) -> asyncio.Future[None]:
+        """``producer.submit``, with a failure to hand over (the producer's queue stayed
+        full past its timeout: Kafka down) turned into a failed ack the acker retries."""
+        try:
+            acked: Awaitable[None] = await producer.submit(events, dead)
+        except Exception as exc:
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            return failed
+        return asyncio.ensure_future(acked)
+
+    async def _in_kafka(self, item: _InFlight, producer: EventProducer) -> bool:
+        """Wait until Kafka acknowledged the batch, handing it over again (same events,
+        same ids: at worst a duplicate with the same event id) while Kafka fails it.
+        False only when asked to stop during an outage."""
+        backoff = self._backoff()
+        while True:
             try:
                 await item.acked
+                return True
             except Exception as exc:
+                if self._stop.is_set():
+                    log.error("Kafka did not acknowledge a batch and the worker is stopping; "
+                              "not acknowledging it (the broker will redeliver)", exc_info=exc)
+                    self._failed = exc
+                    return False
+                delay = backoff.next()
+                self.stats.kafka_retries += 1
+                metrics.KAFKA_RETRIES.inc()
+                log.warning("Kafka did not acknowledge a batch of %d events (%s: %s); "
+                            "retry %d in %.2f s", len(item.events), type(exc).__name__, exc,
+                            backoff.attempt, delay)
+                if isinstance(exc, PRODUCER_FATAL):
+                    await producer.renew(item.producer_generation)
+                if await sleep_unless(self._stop, delay):
+                    continue  # stopping: the next look fails and ends the wait
+                item.producer_generation = producer.generation
+                item.acked = await self._submit(producer, item.events, item.dead)
+
+    async def _ack_in_order(self, source: MqttSource, pipeline: asyncio.Queue[_InFlight | None],
+                            producer: EventProducer) -> None:
+        while (item := await pipeline.get()) is not None:
+            if not await self._in_kafka(item, producer):
                 # Nothing from here on may be acknowledged: the broker keeps it all.
-                log.error("Kafka did not acknowledge a batch; stopping without acking it "
-                          "(the broker will redeliver)", exc_info=exc)
-                self._failed = exc
                 self._stop.set()
                 while not pipeline.empty():
                     rest = pipeline.get_nowait()
                     if rest is not None:
+                        if rest.acked.done() and not rest.acked.cancelled():
+                            rest.acked.exception()  # seen: logged above, redelivered later
                         rest.acked.cancel()
                 return
-            source.ack(item.batch)
             n = len(item.batch.messages)
-            self.stats.events += item.events
-            self.stats.acked_messages += n
+            if not source.ack(item.batch):
+                self.stats.left_to_redelivery += n
+            else:
+                self.stats.acked_messages += n
+            self.stats.events += len(item.events)
             self.stats.in_flight -= n
-            metrics.EVENTS_OUT.inc(item.events)
+            metrics.EVENTS_OUT.inc(len(item.events))
             metrics.QUEUE_DEPTH.dec(n)
