@@ -1,15 +1,25 @@
 """Prometheus metrics of the ingest service (served on ``/metrics``).
 
-Labels are bounded: rejection reasons come from ``DEADLETTER_REASONS``; never a sensor id.
+Labels are bounded: rejection reasons come from ``DEADLETTER_REASONS``, districts and
+domains from the city model (9 x 3); never a sensor id.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from cityops.city import DISTRICTS
+from ingest.contract import Domain
+
 MESSAGES_IN = Counter("cityops_ingest_messages_total", "MQTT messages received")
 EVENTS_OUT = Counter("cityops_ingest_events_total",
-                     "events produced to Kafka and acknowledged by it")
+                     "events produced to Kafka and acknowledged by it",
+                     ["district", "domain"])
+# Every district and domain exists from the start, at 0: "a district went silent" is then
+# a rate falling to zero, not a series that was never there.
+for _district in DISTRICTS:
+    for _domain in Domain:
+        EVENTS_OUT.labels(_district.code, _domain.value)
 REJECTIONS = Counter("cityops_ingest_rejections_total",
                      "payloads refused and sent to the dead-letter topic", ["reason"])
 DUPLICATES = Counter("cityops_ingest_duplicates_total",

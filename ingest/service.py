@@ -259,5 +259,7 @@ class IngestService:
                 self.stats.acked_messages += n
             self.stats.events += len(item.events)
             self.stats.in_flight -= n
-            metrics.EVENTS_OUT.inc(len(item.events))
+            for (district, domain), k in collections.Counter((e.district, e.domain)
+                                                             for e in item.events).items():
+                metrics.EVENTS_OUT.labels(district, domain).inc(k)
             metrics.QUEUE_DEPTH.dec(n)
