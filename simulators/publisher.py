@@ -300,13 +300,18 @@ def publish_blocking(sim: Simulation, settings: Settings, *, rate: float | None 
                      inflight: int = 1000, pace_clock: bool | None = None,
                      ground_truth: Path | str | None = None, progress: bool = True,
                      prefetch: bool = True, stop: threading.Event | None = None,
-                     client_id: str | None = None, progress_stream: IO[str] | None = None
-                     ) -> PublishStats:
+                     client_id: str | None = None, progress_stream: IO[str] | None = None,
+                     pause: threading.Event | None = None,
+                     drained: threading.Event | None = None) -> PublishStats:
     """Publish until ``count`` messages, ``duration`` seconds, or ``stop`` is set.
 
     With ``prefetch`` the stream is generated from its start in a child process (the
     simulation object is only used as a recipe); without it, from ``sim``'s current
     position in this thread.
+
+    While ``pause`` is set the devices hold their readings (a planned broker maintenance:
+    the fleet is told to buffer); once everything sent before the pause is acknowledged,
+    ``drained`` is set, so the caller knows the broker holds it all.
     """
     if count is None and duration is None and stop is None:
         raise ValueError("give a count, a duration or a stop event, or it never ends")
@@ -359,6 +364,8 @@ def publish_blocking(sim: Simulation, settings: Settings, *, rate: float | None 
                         wait = clock.seconds_until(send_times[i])
                     if wait > 0:
                         break  # stopped or out of time while waiting for the clock
+                if pause is not None and pause.is_set():
+                    _hold(sink, pause, drained, stop)
                 if bucket is not None:
                     bucket.take()
                 sink.publish(topics[i], payloads[i])
@@ -393,6 +400,17 @@ def publish_blocking(sim: Simulation, settings: Settings, *, rate: float | None 
         if truth_fh is not None:
             truth_fh.close()
     return stats
+
+
+def _hold(sink: MqttSink, pause: threading.Event, drained: threading.Event | None,
+          stop: threading.Event) -> None:
+    """Serve the connection without publishing until ``pause`` clears."""
+    while pause.is_set() and not stop.is_set():
+        if drained is not None and sink.inflight == 0:
+            drained.set()
+        sink.idle(0.05)
+    if drained is not None:
+        drained.clear()
 
 
 def _account(stats: PublishStats, send_times: list[int], flags: list[int], done: int) -> None:
