@@ -98,6 +98,10 @@ class Adapter:
                 if len(records) == len(raws) and (spans is None or all(
                         memoryview(s) == r for s, r in zip(spans, raws, strict=True))):
                     return records
+        return self.decode_each(raws)
+
+    def decode_each(self, raws: list[bytes]) -> list[Any]:
+        """One payload at a time: a bad one becomes its ``Reject``, the rest still decode."""
         out: list[Any] = []
         for raw in raws:
             try:

@@ -56,13 +56,7 @@ class Compact(Adapter):
         return CompactRecord(fields[1], fields)
 
     def decode_batch(self, raws: list[bytes], whole: bool = False) -> list[Any]:
-        out: list[Any] = []
-        for raw in raws:
-            try:
-                out.append(self.decode_one(raw))
-            except Reject as rej:
-                out.append(rej)
-        return out
+        return self.decode_each(raws)  # a text format: no JSON-array fast path
 
     def sensor_of(self, r: CompactRecord) -> str:
         return r.sensor
