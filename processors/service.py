@@ -50,7 +50,7 @@ from processors.batch import METRIC_BITS, Vocabularies, columns
 from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS, Groups, Rollup, encode_rollup
 from processors.schema import migrate
-from processors.storage import Storage, StoredDeadLetter, WriteResult
+from processors.storage import CONNECTION_LOST, Storage, StoredDeadLetter, WriteResult
 
 log = logging.getLogger(__name__)
 _PARTITIONER = DefaultPartitioner()
@@ -101,9 +101,19 @@ class Processor:
         assert self.consumer is not None
         while not stop.is_set():
             records = await self.take_batch(stop)
-            if records:
-                await self.handle(records)
-            await self.housekeeping(idle=not records)
+            while True:
+                try:
+                    if records:
+                        await self.handle(records)
+                    await self.housekeeping(idle=not records)
+                    break
+                except CONNECTION_LOST as exc:
+                    # Offsets are committed only after the database commit, so the same
+                    # records are simply written again once the database is back.
+                    self.healthy = False
+                    if not await self.storage.reconnect(stop, exc):
+                        return
+                    self.healthy = True
 
     async def take_batch(self, stop: asyncio.Event) -> Records:
         """Messages until the batch is full or the linger time after the first one ran out."""

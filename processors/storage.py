@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,11 @@ T = TypeVar("T")
 
 TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 MAX_RETRIES = 5
+# The database went away (restart, failover, network): the connection is gone, not the
+# batch. The processor reconnects with back-off and writes the same batch again; Kafka
+# keeps the backlog meanwhile, so waiting costs no memory here.
+CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                   asyncpg.exceptions.OperatorInterventionError)
 
 _RCOLS = ", ".join(READING_COLUMNS)
 _ICOLS = ", ".join(INCIDENT_COLUMNS)
@@ -234,11 +240,39 @@ class Storage:
         self.vocab = vocab or Vocabularies()
         self.known_sensors: set[str] = set()
         self._ready = False
+        self.dsn: str | None = None
 
     @classmethod
     async def connect(cls, dsn: str, mode: str, **options: Any) -> Storage:
         conn = await asyncpg.connect(dsn)
-        return cls(conn, mode, **options)
+        storage = cls(conn, mode, **options)
+        storage.dsn = dsn
+        return storage
+
+    async def reconnect(self, stop: asyncio.Event, cause: BaseException,
+                        max_delay_s: float = 5.0) -> bool:
+        """Replace a lost connection, backing off (capped, jittered) until the database
+        answers again or ``stop`` is set; returns whether it is connected."""
+        if self.dsn is None:
+            raise RuntimeError("storage was not opened with Storage.connect: cannot reconnect")
+        log.warning("database connection lost (%s: %s); reconnecting", type(cause).__name__,
+                    cause)
+        self.conn.terminate()
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                self.conn = await asyncpg.connect(self.dsn, timeout=5)
+            except (*CONNECTION_LOST, asyncpg.PostgresError, TimeoutError) as exc:
+                metrics.WRITE_RETRIES.inc()
+                log.warning("database still unreachable (%s); next try in %.1fs",
+                            type(exc).__name__, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, max_delay_s)
+                continue
+            self._ready = False  # session-local staging tables are made again
+            log.info("database connection restored")
+            return True
+        return False
 
     async def close(self) -> None:
         await self.conn.close()
