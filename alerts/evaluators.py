@@ -96,6 +96,14 @@ class Evaluator:
     def _match_mask(self, batch: Batch) -> np.ndarray:
         return batch.selected((self.rule.id, self.hash), lambda p: matches(self.rule.match, p))
 
+    def _matched_readings(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """Positions and values of this rule's metric in the batch, at places it matches."""
+        pos, vals = batch.metric(metric_key(self.rule))  # type: ignore[arg-type]
+        if pos.size == 0:
+            return pos, vals
+        keep = self._match_mask(batch)[pos]
+        return pos[keep], vals[keep]
+
     def signal(self, kind: SignalKind, source: str, at_ms: int, place: Place | None = None,
                value: float | None = None, receive_ms: int | None = None,
                **extra: Any) -> Signal:
@@ -134,11 +142,9 @@ class ThresholdEvaluator(Evaluator):
 
     def on_batch(self, batch: Batch, out: list[Signal]) -> None:
         r = self.rule
-        pos, vals = batch.metric(metric_key(r))
+        pos, vals = self._matched_readings(batch)
         if pos.size == 0:
             return
-        keep = self._match_mask(batch)[pos]
-        pos, vals = pos[keep], vals[keep]
         op = OPS[r.op]
         cond = op(vals, r.value)
         clear = ~op(vals, r.value if r.clear_value is None else r.clear_value)
@@ -332,11 +338,7 @@ class AnomalyEvaluator(Evaluator):
 
     def on_batch(self, batch: Batch, out: list[Signal]) -> None:
         r = self.rule
-        pos, vals = batch.metric(metric_key(r))
-        if pos.size == 0:
-            return
-        keep = self._match_mask(batch)[pos]
-        pos, vals = pos[keep], vals[keep]
+        pos, vals = self._matched_readings(batch)
         if pos.size == 0:
             return
         times = batch.times[pos]
