@@ -72,13 +72,12 @@ class EventProducer:
 
     def _client(self) -> AIOKafkaProducer:
         settings, client_id = self.settings, self.client_id
-        codec = settings.kafka_compression.lower()
         return AIOKafkaProducer(
             bootstrap_servers=settings.kafka_bootstrap,
             client_id=client_id,
             acks="all",
             enable_idempotence=settings.kafka_idempotent,
-            compression_type=None if codec in ("", "none") else codec,
+            compression_type=settings.kafka_codec,
             linger_ms=settings.kafka_linger_ms,
             max_batch_size=settings.kafka_max_batch_bytes,
             max_request_size=max(settings.kafka_max_batch_bytes, 1024 * 1024) * 2,

@@ -85,7 +85,7 @@ class Processor:
             fetch_max_bytes=32 * 1024 * 1024)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5,
-            max_batch_size=1024 * 1024)
+            max_batch_size=1024 * 1024, compression_type=s.kafka_codec)
         await self.producer.start()
         await self.consumer.start()
         self.healthy = True

@@ -249,7 +249,7 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
         console.pool = await create_pool(settings.pg_dsn, size=8)
         console.store = AlertStore(console.pool)
         console.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
-                                            linger_ms=1)
+                                            linger_ms=1, compression_type=settings.kafka_codec)
         await console.producer.start()
         await console.feed.start()
         try:

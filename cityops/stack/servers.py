@@ -185,9 +185,30 @@ class KafkaBroker(Server):
         require("noida-db", "noida-db", "pip install 'noida-db==0.2.3' (in .venv)",
                 search=[str(Path(sys.executable).parent)])
 
+    @staticmethod
+    def executable() -> str:
+        """The broker binary itself, not the ``noida-db`` console script in front of it.
+
+        The console script is Python running the binary with ``subprocess.call``. Signalled
+        with the binary (one process group), it cuts the broker's shutdown save short: on
+        SIGINT, CPython's ``call`` waits 0.25 s for the child, then SIGKILLs it, and what
+        the broker acknowledged since its last periodic save is gone (measured: 2,381
+        acknowledged records in one of three restarts at 1,500 msg/s); on SIGTERM the
+        script dies at once, so ``down`` returns before the save is done. Run directly,
+        ``down`` waits for the broker's own exit, after its save.
+        """
+        script = require("noida-db", "noida-db", "pip install 'noida-db==0.2.3'",
+                         search=[str(Path(sys.executable).parent)])
+        try:
+            from importlib.resources import files
+
+            binary = Path(str(files("noida_db").joinpath("noida-db")))
+        except ModuleNotFoundError:  # installed for another interpreter: only the script
+            return script
+        return str(binary) if binary.is_file() and os.access(binary, os.X_OK) else script
+
     def start(self) -> None:
-        exe = require("noida-db", "noida-db", "pip install 'noida-db==0.2.3'",
-                      search=[str(Path(sys.executable).parent)])
+        exe = self.executable()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.proc.start([exe, "start", "--data-dir", str(self.dir), "--host", self.settings.host,
                          "--only", "kafka", "--kafka-port", str(self.port)])
@@ -200,8 +221,9 @@ class KafkaBroker(Server):
     def down(self) -> bool:
         import signal
 
-        # SIGINT makes noida-db save its data before exiting (SIGKILL would lose the tail).
-        return self.proc.stop(timeout=20, sig=signal.SIGINT)
+        # SIGTERM makes noida-db save its data before exiting (SIGKILL would lose the tail);
+        # the save rewrites the whole retained log, so give it time.
+        return self.proc.stop(timeout=60, sig=signal.SIGTERM)
 
 
 async def create_topics(settings: Settings) -> None:
