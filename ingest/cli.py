@@ -1,4 +1,6 @@
-"""``cityops ingest``: run one ingest worker (start several to split the shared subscription)."""
+"""``cityops ingest``: run one ingest worker. Start several to split the load: in shared mode
+they split the ``$share`` subscription; in districts mode each needs its own
+``CITYOPS_INGEST_WORKER_INDEX`` (see ``ingest/mqtt.py``)."""
 
 from __future__ import annotations
 

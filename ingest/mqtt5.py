@@ -10,8 +10,10 @@ and the PUBACKs of a batch leave in one write.
 
 What it speaks (MQTT 5.0, OASIS standard, sections 3.1-3.4, 3.8-3.9, 3.12-3.14):
 CONNECT (clean start off, Session Expiry Interval, Receive Maximum, user name and
-password), CONNACK, SUBSCRIBE/SUBACK at QoS 1, PUBLISH in (QoS 0/1; QoS 2 is refused by
-subscribing at QoS 1 only), PUBACK out, PINGREQ/PINGRESP keepalive, DISCONNECT both ways.
+password), CONNACK, SUBSCRIBE/SUBACK at QoS 1 (one packet for all of the worker's topic
+filters: one in shared mode, one per district in districts mode), PUBLISH in (QoS 0/1;
+QoS 2 is refused by subscribing at QoS 1 only), PUBACK out, PINGREQ/PINGRESP keepalive,
+DISCONNECT both ways.
 It announces no Topic Alias Maximum, so the broker never sends topic aliases, and it
 skips PUBLISH properties (ingest uses none).
 A lost connection ends ``next_batch`` with ``ConnectionError`` (so does a broker that
@@ -30,7 +32,7 @@ import time
 from types import TracebackType
 
 from cityops.settings import Settings
-from ingest.mqtt import MqttBatch, MqttRefused, connect_properties, subscription
+from ingest.mqtt import MqttBatch, MqttRefused, connect_properties, subscriptions
 from ingest.normalize import InboundMessage
 
 CONNECT, CONNACK, PUBLISH, PUBACK = 0x10, 0x20, 0x30, 0x40
@@ -67,9 +69,25 @@ def connect_packet(client_id: str, user: str, password: str, keepalive: int,
     return packet(CONNECT, body)
 
 
-def subscribe_packet(packet_id: int, topic_filter: str, qos: int = 1) -> bytes:
-    return packet(SUBSCRIBE, struct.pack("!H", packet_id) + b"\x00" + utf8(topic_filter)
-                  + bytes([qos]))
+def subscribe_packet(packet_id: int, topic_filters: list[str], qos: int = 1) -> bytes:
+    """One SUBSCRIBE for several filters (no properties; each filter with its options
+    byte, here only the maximum QoS)."""
+    return packet(SUBSCRIBE, struct.pack("!H", packet_id) + b"\x00"
+                  + b"".join(utf8(f) + bytes([qos]) for f in topic_filters))
+
+
+def suback_reasons(body: bytes) -> bytes:
+    """A SUBACK's reason codes, one per filter: after the packet id (2 bytes) and the
+    properties (a Variable Byte Integer length, then that many bytes)."""
+    i, mult, plen = 2, 1, 0
+    while i < len(body):
+        b = body[i]
+        i += 1
+        plen += (b & 0x7F) * mult
+        if b < 0x80:
+            break
+        mult <<= 7
+    return body[i + plen:]
 
 
 class ProtocolError(ConnectionError):
@@ -210,12 +228,13 @@ class LeanMqttSource:
         if kind != CONNACK or len(body) < 2 or body[1] != 0:
             raise ProtocolError(f"MQTT connect refused (packet {kind:#x}, "
                                 f"reason {body[1] if len(body) > 1 else '?'})")
-        wire.transport.write(subscribe_packet(1, subscription(s)))
+        filters = subscriptions(s)
+        wire.transport.write(subscribe_packet(1, filters))
         kind, body = await self._control(wire)
-        # SUBACK: packet id (2), properties (varint length + bytes), one reason code.
-        if kind != SUBACK or body[-1] > 2:
-            raise ProtocolError(f"MQTT subscribe refused (packet {kind:#x}, "
-                                f"reason {body[-1] if body else '?'})")
+        reasons = suback_reasons(body) if kind == SUBACK else b""
+        if len(reasons) != len(filters) or max(reasons) > 2:
+            raise ProtocolError(f"MQTT subscribe refused (packet {kind:#x}, reasons "
+                                f"{reasons.hex() or '?'} for {filters})")
 
     @staticmethod
     async def _control(wire: _Wire) -> tuple[int, bytes]:

@@ -47,7 +47,14 @@ from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import DeadLetter, Event
 from ingest.dedup import DuplicateWindow
 from ingest.kafka import PRODUCER_FATAL, EventProducer
-from ingest.mqtt import CONNECTION_LOST, MqttBatch, MqttSource, open_source
+from ingest.mqtt import (
+    CONNECTION_LOST,
+    MqttBatch,
+    MqttSource,
+    open_source,
+    session_client_id,
+    subscriptions,
+)
 from ingest.normalize import Normalizer
 
 log = logging.getLogger("cityops.ingest")
@@ -82,14 +89,17 @@ class _InFlight:
 
 
 class IngestService:
-    """One ingest worker. ``worker_id`` makes its MQTT client id (and so its persistent
-    session) stable across restarts: a restarted worker gets its unacked messages back."""
+    """One ingest worker. Its MQTT client id, and so its persistent session, is stable
+    across restarts: made from ``worker_id`` in shared mode, from the worker's district
+    slot in districts mode (``ingest.mqtt.session_client_id``). A restarted worker gets
+    its unacked messages back."""
 
     def __init__(self, settings: Settings, worker_id: str = "0", *, fleet: Fleet | None = None,
                  transport: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id
-        self.client_id = f"cityops-ingest-{worker_id}"
+        self.client_id = session_client_id(settings, worker_id)
+        self.subscriptions = subscriptions(settings)  # raises early on a bad setting
         self.transport = transport or settings.ingest_transport
         self.normalizer = Normalizer(fleet or load_fleet(settings.fleet_file), settings)
         self.dedup = DuplicateWindow(settings.ingest_dedup_window_s,
@@ -136,6 +146,7 @@ class IngestService:
                     log.info("ingest worker %s subscribed", self.worker_id,
                              extra={"fields": {"transport": self.transport,
                                                "client_id": self.client_id,
+                                               "subscriptions": self.subscriptions,
                                                "after_attempts": backoff.attempt}})
                     backoff.reset()
                     await self._pump(source, producer)
