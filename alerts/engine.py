@@ -15,7 +15,7 @@ from alerts.batch import Batch, Place, SensorIndex
 from alerts.evaluators import EVALUATORS, AbsenceEvaluator, CorrelationEvaluator, Evaluator
 from alerts.metrics import EVAL_SECONDS, RULES_EVALUATED, RULES_LOADED
 from alerts.model import Alert, Signal
-from alerts.rollups import RollupMerger
+from alerts.rollups import RollupMerger, Wants
 from alerts.ruleset import Rule, RuleSet, rule_hash, rule_input
 from cityops.registry import Fleet
 from ingest.contract import Event
@@ -51,6 +51,7 @@ class Engine:
                 else self._build(rule)
         dropped = [rid for rid, ev in self.evaluators.items() if kept.get(rid) is not ev]
         self.evaluators, self.rules = kept, rules
+        self.merger.set_wants(rollup_wants(kept.values()))
         RULES_LOADED.set(len(kept))
         return dropped
 
@@ -103,8 +104,14 @@ class Engine:
                 rows.append((rid, ev.hash, key, st))
         return rows
 
-    def mark_all_dirty(self) -> None:
-        """After a failed checkpoint: everything goes into the next one."""
+    def mark_all_dirty(self, failed: Iterable[tuple[str, str, str, Any]] = ()) -> None:
+        """After a failed checkpoint: everything goes into the next one, including the
+        keys of the failed snapshot (a key deleted since the last good checkpoint is no
+        longer in ``state``, and its row must still be deleted)."""
+        for rid, _, key, _ in failed:
+            ev = self.evaluators.get(rid)
+            if ev is not None:
+                ev.dirty.add(key)
         for ev in self.evaluators.values():
             ev.dirty.update(ev.state)
             arrays = getattr(ev, "arrays", None)
@@ -138,6 +145,24 @@ class Engine:
                 ev.restore(key, st)
                 n += 1
         return n
+
+
+def rollup_wants(evaluators: Iterable[Evaluator]) -> Wants:
+    """Which rollup windows and metrics the rules read (and for which domains), so the
+    merger keeps only those: the processors publish every metric of every sensor."""
+    wants: Wants = {}
+    for ev in evaluators:
+        source = rule_input(ev.rule)
+        metric = getattr(ev.rule, "metric", None)
+        if source == "events" or metric is None:
+            continue
+        per_metric = wants.setdefault(source.removeprefix("rollup_"), {})
+        domains = ev.rule.match.domains
+        if metric in per_metric and per_metric[metric] is None:
+            continue
+        per_metric[metric] = None if not domains else \
+            (per_metric.get(metric) or frozenset()) | frozenset(domains)
+    return wants
 
 
 def _kind(ev: Evaluator) -> str:

@@ -15,6 +15,22 @@ Exactly-once rule state: the checkpoint writes the evaluators' changed state and
 offsets it reflects in ONE PostgreSQL transaction, and on partition assignment the
 consumer seeks to the offsets stored there. Alert writes are idempotent (one active
 alert per key), so the events replayed after a crash only re-confirm what is there.
+
+Database outages are ridden out in-process, like the processor does: every database
+step of the loop goes through ``_db``, which on a lost connection (the processor's
+``CONNECTION_LOST`` classification, plus connect time-outs) waits with capped, jittered
+back-off and runs the SAME step again: the same signals are applied, nothing is
+re-evaluated. Meanwhile the loop does not poll Kafka (the backlog waits there, so memory
+stays flat), /healthz says unhealthy, and no checkpoint is taken while a batch is
+evaluated but not yet applied, so state and offsets never get ahead of the alerts.
+
+The alerts producer is idempotent, so a producer id can become unusable for good: after a
+broker loses records it had acknowledged (noida-db restarted between its last save and
+its exit; Apache Kafka after an unclean leader election), every batch is refused with
+OutOfOrderSequenceNumber. ``publish`` then replaces the producer (``PRODUCER_FATAL``, as
+ingest does) and sends again what was not acknowledged, instead of ending the process
+(measured in the fault matrix: the worker exited with the batch's alerts written but not
+published, was restarted by the runtime and started over from its checkpoint).
 """
 
 from __future__ import annotations
@@ -23,8 +39,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
+import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
@@ -39,10 +59,28 @@ from alerts.store import AlertStore, create_pool
 from cityops.registry import Fleet, load_fleet
 from cityops.service import static_member_id
 from cityops.settings import Settings
+from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import DeadLetter, Event, decode_event, decode_events, encode_deadletter
+from ingest.kafka import PRODUCER_FATAL
 from processors.rollup import Rollup
+from processors.storage import CONNECTION_LOST
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# A new producer id per attempt: a second fatal error in a row is a broker that refuses
+# every producer, which a process restart (the runtime's job) is no better at.
+PRODUCER_RENEWALS = 3
+
+# The database is away (restart, failover, network): the connection is gone, not the work.
+# TimeoutError: a connect to an unreachable host times out instead of being refused.
+# InternalClientError: a pooled connection whose server went away mid-operation can fail
+# its release with "cannot switch to state ...; another operation is in progress" (seen in
+# the fault matrix's PostgreSQL restart); the step is repeated on a fresh connection.
+DB_AWAY = (*CONNECTION_LOST, TimeoutError, asyncpg.InternalClientError)
+
+
+class _Stopped(Exception):
+    """``stop`` was set while waiting for the database to come back."""
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -79,23 +117,103 @@ class AlertService:
         self._last_checkpoint = 0.0
         self._checkpoint_task: asyncio.Task[None] | None = None
         self._last_windows = 0.0
+        self._stop = asyncio.Event()
+        self._backoff = Backoff(settings.ingest_reconnect_min_ms / 1000,
+                                settings.ingest_reconnect_max_ms / 1000)
+        self.db_ok = True  # False from a lost connection until a database step succeeds
+        self.db_outages = 0
+        self._db_lost_at = 0.0
+        self.records_polled = 0  # Kafka records handed to the loop (flat while the DB is away)
+        self.producer_renewals = 0  # producers replaced after a PRODUCER_FATAL error
+        # False while a polled batch is evaluated but its signals are not in the database:
+        # the engine state then runs ahead of the alerts, so it must not be checkpointed.
+        self._clean = True
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        s = self.settings
+        return AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=2,
+                                enable_idempotence=True, compression_type=s.kafka_codec)
+
+    async def _renew_producer(self, failed: AIOKafkaProducer, exc: BaseException) -> None:
+        """Replace ``failed`` (its producer id is refused for good) by a new client, unless
+        that was done already. Starting waits for a broker that is still coming back
+        (capped back-off); raises ``_Stopped`` if ``stop`` is set meanwhile."""
+        stop_failed = failed.stop
+        if self.producer is not failed:
+            return
+        self.producer_renewals += 1
+        log.warning("alerts producer: %s, its producer id is no longer usable; starting a "
+                    "new producer", type(exc).__name__)
+        with contextlib.suppress(Exception):  # its pending batches fail; we resend them
+            await asyncio.wait_for(stop_failed(), 5)
+        backoff = Backoff(self.settings.ingest_reconnect_min_ms / 1000,
+                          self.settings.ingest_reconnect_max_ms / 1000)
+        for attempt in range(30):
+            producer = self._new_producer()
+            try:
+                await producer.start()
+            except Exception as err:  # the broker may still be restarting
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+                log.warning("alerts producer: start failed (%s), attempt %d",
+                            type(err).__name__, attempt + 1)
+                if await sleep_unless(self._stop, backoff.next()):
+                    raise _Stopped from err
+                continue
+            self.producer = producer
+            return
+        raise exc
 
     def healthy(self) -> bool:
-        return self.assigned
+        return self.assigned and self.db_ok
+
+    async def _db(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one database step; on a lost connection run the same step again once the
+        database answers, backing off (capped, jittered) in between. Raises ``_Stopped``
+        if ``stop`` is set meanwhile. Every step is one transaction (or a read), and the
+        alert writes are idempotent, so a step whose commit was lost in flight is harmless
+        to repeat."""
+        while True:
+            try:
+                result = await op()
+            except DB_AWAY as exc:
+                if self.db_ok:
+                    self.db_ok = False
+                    self.db_outages += 1
+                    self._db_lost_at = time.monotonic()
+                    log.warning("database connection lost (%s: %s); holding the batch and "
+                                "retrying", type(exc).__name__, exc)
+                if self.store is not None:  # the pool's other connections are dead too
+                    with contextlib.suppress(Exception):
+                        await self.store.pool.expire_connections()
+                if await sleep_unless(self._stop, self._backoff.next()):
+                    raise _Stopped from exc
+                continue
+            if not self.db_ok:
+                self.db_ok = True
+                log.info("database back after %.1fs; carrying on",
+                         time.monotonic() - self._db_lost_at)
+            self._backoff.reset()
+            return result
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        self._stop = stop
         rules = self.rules_file.load()
         if self.fleet is None and s.fleet_file.is_file():
             self.fleet = load_fleet(s.fleet_file)
-        pool = await create_pool(s.pg_dsn)
-        self.store = store = AlertStore(pool, update_every_s=self.update_every_s)
-        self.engine = Engine(rules, self.fleet)
-        restored = self.engine.restore(await store.load_state())
-        restored += self.engine.restore_blobs(await store.load_blobs())
-        await store.load_windows()
-        self.producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, linger_ms=2,
-                                         enable_idempotence=True)
+        try:  # a database that is away at start-up is waited for, too
+            pool = await self._db(partial(create_pool, s.pg_dsn))
+            self.store = store = AlertStore(pool, update_every_s=self.update_every_s)
+            self.engine = Engine(rules, self.fleet)
+            restored = self.engine.restore(await self._db(store.load_state))
+            restored += self.engine.restore_blobs(await self._db(store.load_blobs))
+            await self._db(store.load_windows)
+        except _Stopped:
+            if self.store is not None:
+                self.store.pool.terminate()
+            return
+        self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
             # Static membership: a killed worker rejoins at once (see static_member_id).
@@ -111,22 +229,36 @@ class AlertService:
                 "rules": len(rules.rules), "restored_keys": restored, "group": self.group}})
             await self._loop(stop)
         finally:
-            with contextlib.suppress(Exception):
-                await self.checkpoint(force=True)
+            if self._clean and self.db_ok:
+                with contextlib.suppress(Exception):
+                    await self.checkpoint(force=True)
             await self.consumer.stop()
             await self.producer.stop()
-            await pool.close()
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except (TimeoutError, *DB_AWAY):
+                pool.terminate()
 
     async def _loop(self, stop: asyncio.Event) -> None:
+        try:
+            await self._consume(stop)
+        except _Stopped:
+            log.info("stopping while the database is away: the unapplied batch is not "
+                     "checkpointed, so it is read again from Kafka after a restart")
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         assert self.consumer and self.engine and self.store
+        store, db = self.store, self._db
         last_tick = 0.0
         while not stop.is_set():
             data = await poll(self.consumer, max_records=5000)
             if data:
                 self.assigned = True
+            self._clean = False
             events: list[Event] = []
             rollups: list[Rollup] = []
             for tp, msgs in data.items():
+                self.records_polled += len(msgs)
                 if tp.topic == self.settings.topics.aggregates:
                     rollups.extend(await self._decode_rollups(tp.topic, msgs))
                 else:
@@ -147,18 +279,20 @@ class AlertService:
                 self.assigned = self.assigned or bool(self.consumer.assignment())
                 await self._reload_rules()
                 signals += self.engine.tick(int(now * 1000))
-            changes = await self.store.apply(signals)
+            # From here on every database step is retried as is until it succeeds (_db).
+            changes = await db(partial(store.apply, signals))
             if self.engine.has_correlations() and (changes or ticked):
-                corr = self.engine.correlate(await self.store.active(), int(now * 1000))
-                changes += await self.store.apply(corr)
+                corr = self.engine.correlate(await db(store.active), int(now * 1000))
+                changes += await db(partial(store.apply, corr))
             if ticked:
-                changes += await self.store.escalate(self.settings.alerts_escalate_after_s,
-                                                     self._escalation_overrides())
+                changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
+                                            self._escalation_overrides()))
                 if now - self._last_windows >= 5.0:
                     self._last_windows = now
-                    await self.store.load_windows()
-                    await self.store.count_active()
+                    await db(store.load_windows)
+                    await db(store.count_active)
             await self.publish(changes)
+            self._clean = True
             await self.checkpoint()
 
     def _escalation_overrides(self) -> dict[str, float]:
@@ -202,19 +336,60 @@ class AlertService:
                                 payload=(m.value or b"").decode("utf-8", "replace"),
                                 received_at=int(time.time() * 1000),
                                 sensor_id=m.key.decode() if m.key else None, service="alerts")
-                assert self.producer
-                await self.producer.send(self.settings.topics.deadletter,
-                                         encode_deadletter(dl), key=m.key)
+                for renewal in range(PRODUCER_RENEWALS + 1):
+                    producer = self.producer
+                    assert producer is not None
+                    try:  # a producer that died of a fatal error refuses new sends too
+                        await producer.send(self.settings.topics.deadletter,
+                                            encode_deadletter(dl), key=m.key)
+                        break
+                    except PRODUCER_FATAL as exc:
+                        if renewal == PRODUCER_RENEWALS:
+                            raise
+                        await self._renew_producer(producer, exc)
         return good
 
     async def publish(self, changes: list[AlertChange]) -> None:
+        """Send the changes and wait for every acknowledgement.
+
+        On a ``PRODUCER_FATAL`` error the producer is renewed and the changes not
+        acknowledged are sent again, in their order, so nothing is dropped and one
+        alert's changes stay in order (same key, same partition). A change that was in
+        flight when the producer died may be written and still reported failed, so it
+        can arrive twice: the topic is at-least-once, and each change carries the whole
+        alert, so the console applying it twice shows the same row. Other errors end the
+        loop as before (the process is restarted and replays from its checkpoint).
+        """
         if not changes:
             return
-        assert self.producer
         topic = self.settings.topics.alerts
-        futs = [await self.producer.send(topic, encode_change(c),
-                                         key=str(c.alert.alert_id).encode()) for c in changes]
-        await asyncio.gather(*futs)
+        pending = [(encode_change(c), str(c.alert.alert_id).encode()) for c in changes]
+        for renewal in range(PRODUCER_RENEWALS + 1):
+            producer = self.producer
+            assert producer is not None
+            futs = []
+            fatal: BaseException | None = None
+            for value, key in pending:
+                try:
+                    futs.append(await producer.send(topic, value, key=key))
+                except PRODUCER_FATAL as exc:  # the sender already died of it
+                    fatal = exc
+                    break
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            failed = [m for m, r in zip(pending, results, strict=False)
+                      if isinstance(r, BaseException)] + pending[len(futs):]
+            for r in results:
+                if isinstance(r, BaseException):
+                    if not isinstance(r, PRODUCER_FATAL):
+                        raise r
+                    fatal = fatal or r
+            if not failed:
+                return
+            assert fatal is not None
+            if renewal == PRODUCER_RENEWALS:
+                raise fatal
+            await self._renew_producer(producer, fatal)
+            pending = failed
 
     async def checkpoint(self, force: bool = False) -> None:
         """Snapshot now, write in the background (the loop does not wait for PostgreSQL).
@@ -223,6 +398,8 @@ class AlertService:
         is consistent however far the loop has moved on by the time it lands. At most one
         write is in flight; ``force`` (revocation, shutdown) waits for it.
         """
+        if not self._clean:  # evaluated, not yet applied: the state is ahead of the alerts
+            return
         pending = self._checkpoint_task
         if pending is not None and not pending.done():
             if not force:
@@ -250,11 +427,15 @@ class AlertService:
         assert self.store and self.consumer and self.engine
         try:
             await self.store.checkpoint(self.group, rows, offsets, blobs)
-        except Exception:
-            log.exception("checkpoint failed; everything goes into the next one")
+        except Exception as exc:
+            if isinstance(exc, DB_AWAY):
+                log.warning("checkpoint not written, database away (%s); everything goes "
+                            "into the next one", type(exc).__name__)
+            else:
+                log.exception("checkpoint failed; everything goes into the next one")
             for k, v in offsets.items():
                 self.offsets.setdefault(k, v)
-            self.engine.mark_all_dirty()
+            self.engine.mark_all_dirty(rows)
             return
         assigned = self.consumer.assignment()
         commit = {TopicPartition(t, p): OffsetAndMetadata(o, "")
@@ -265,7 +446,7 @@ class AlertService:
 
     async def seek_to_checkpoint(self, assigned: list[TopicPartition]) -> None:
         assert self.store and self.consumer
-        stored = await self.store.load_offsets(self.group)
+        stored = await self._db(partial(self.store.load_offsets, self.group))
         for tp in assigned:
             off = stored.get((tp.topic, tp.partition))
             if off is not None:

@@ -83,21 +83,45 @@ class MaintenanceWindow:
         return value == self.target
 
 
+def _count(ch: AlertChange) -> None:
+    """The lifecycle counters, for a change that has been committed."""
+    sev, dom = ch.alert.severity, ch.alert.domain or "none"
+    if ch.action == "raised":
+        ALERTS_RAISED.labels(sev, dom).inc()
+    elif ch.action == "updated":
+        ALERTS_UPDATED.labels(sev, dom).inc()
+    elif ch.action == "cleared":
+        ALERTS_CLEARED.labels(sev, dom, "system" if ch.actor == SYSTEM else "operator").inc()
+    elif ch.action == "escalated":
+        ALERTS_ESCALATED.labels(dom).inc()
+
+
 class AlertStore:
+    # ``_last_update`` is pruned once it holds this many keys (then at twice what survived)
+    FORGET_AT = 1024
+
     def __init__(self, pool: asyncpg.Pool, *, update_every_s: float = 5.0) -> None:
         self.pool = pool
         self.update_every_s = update_every_s
         self._last_update: dict[tuple[str, str], float] = {}
+        self._forget_at = self.FORGET_AT
         self.windows: list[MaintenanceWindow] = []
         self._suppressed: set[tuple[str, str]] = set()
 
     # --- engine side -----------------------------------------------------------------------
     async def apply(self, signals: Sequence[Signal]) -> list[AlertChange]:
-        """Turn signals into alert changes (one transaction); returns what changed."""
+        """Turn signals into alert changes (one transaction); returns what changed.
+
+        Safe to call again with the same signals after it raised (the alerts service does
+        so when the database connection was lost): the writes are conditional on the
+        alert's state, and what this object remembers (update throttle, metrics) changes
+        only once the transaction has committed.
+        """
         if not signals:
             return []
         now = time.time()
         now_ms = int(now * 1000)
+        self._forget_updates(now)
         # In order, except that an update followed by any later signal for the same key is
         # superseded by it: a flapping source costs one write per batch, not one per event,
         # while a raise and a clear inside one batch still both happen.
@@ -105,6 +129,7 @@ class AlertStore:
         ordered = [s for i, s in enumerate(signals)
                    if s.kind != SignalKind.UPDATE or last[s.key] == i]
         changes: list[AlertChange] = []
+        written: list[tuple[Signal, AlertChange]] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for s in ordered:
                 if s.kind == SignalKind.CLEAR:
@@ -126,10 +151,26 @@ class AlertStore:
                     ch = await self._update(conn, s, now_ms)
                 if ch is not None:
                     changes.append(ch)
-                    self._last_update[s.key] = now
-                    if ch.action == "raised" and s.receive_ms:
-                        EVENT_TO_ALERT.observe(max(0.0, now - s.receive_ms / 1000))
+                    written.append((s, ch))
+        for s, ch in written:  # committed: now it happened
+            _count(ch)
+            if ch.action == "cleared":
+                self._last_update.pop(s.key, None)
+            else:
+                self._last_update[s.key] = now
+            if ch.action == "raised" and s.receive_ms:
+                EVENT_TO_ALERT.observe(max(0.0, now - s.receive_ms / 1000))
         return changes
+
+    def _forget_updates(self, now: float) -> None:
+        """Drop update-throttle entries older than the throttle period: they no longer
+        hold anything back, and without this every source that ever had an alert that was
+        not cleared by the engine (a supervisor cleared it, rules changed) stays here."""
+        if len(self._last_update) < self._forget_at:
+            return
+        horizon = now - self.update_every_s
+        self._last_update = {k: t for k, t in self._last_update.items() if t >= horizon}
+        self._forget_at = max(self.FORGET_AT, 2 * len(self._last_update))
 
     async def _raise(self, conn: asyncpg.Connection, s: Signal, now_ms: int) -> AlertChange:
         row = await conn.fetchrow(
@@ -161,7 +202,6 @@ class AlertStore:
             " updated_at = now(), version = version + 1 "
             "where rule_id = $1 and source = $2 and state = 'active' returning *",
             s.rule_id, s.source, SYSTEM)
-        self._last_update.pop(s.key, None)
         return None if row is None else await self._record(conn, row, "cleared", SYSTEM, now_ms)
 
     async def _record(self, conn: asyncpg.Connection, row: asyncpg.Record, action: str,
@@ -172,15 +212,6 @@ class AlertStore:
                            "values ($1, $2, $3, $4)", alert.alert_id, actor, action,
                            {**(detail or {}), **({"note": note} if note else {}),
                             "version": alert.version})
-        sev, dom = alert.severity, alert.domain or "none"
-        if action == "raised":
-            ALERTS_RAISED.labels(sev, dom).inc()
-        elif action == "updated":
-            ALERTS_UPDATED.labels(sev, dom).inc()
-        elif action == "cleared":
-            ALERTS_CLEARED.labels(sev, dom, "system" if actor == SYSTEM else "operator").inc()
-        elif action == "escalated":
-            ALERTS_ESCALATED.labels(dom).inc()
         return AlertChange(action=action, actor=actor, at=now_ms, alert=alert, note=note)
 
     async def escalate(self, default_after_s: float,
@@ -206,6 +237,8 @@ class AlertStore:
                     changes.append(await self._record(
                         conn, row, "escalated", SYSTEM, now_ms,
                         detail={"level": row["escalation_level"], "after_s": after}))
+        for ch in changes:
+            _count(ch)
         return changes
 
     async def count_active(self) -> dict[str, int]:
@@ -244,8 +277,10 @@ class AlertStore:
             if row is None:
                 return None
             detail = {"assignee": assignee} if action == "assigned" else None
-            return await self._record(conn, row, action, actor, int(time.time() * 1000),
-                                      note=note, detail=detail)
+            change = await self._record(conn, row, action, actor, int(time.time() * 1000),
+                                        note=note, detail=detail)
+        _count(change)
+        return change
 
     async def get(self, alert_id: int) -> Alert | None:
         row = await self.pool.fetchrow("select * from alerts where alert_id = $1", alert_id)
