@@ -169,7 +169,12 @@ class MqttSink:
                 self._turn(0.01)
         info = self.client.publish(topic, payload, self.qos)
         self.published += 1
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        if info.rc == mqtt.MQTT_ERR_NO_CONN and self.qos > 0:
+            # Not an error at QoS 1: paho keeps the message and sends it once reconnected
+            # (its PUBACK completes it), so it stays in flight; counting it as failed too
+            # would let ``inflight`` go negative and ``drain`` return early.
+            self._reconnect()
+        elif info.rc != mqtt.MQTT_ERR_SUCCESS:
             self.errors += 1
             if info.rc == mqtt.MQTT_ERR_NO_CONN:
                 self._reconnect()
