@@ -13,7 +13,10 @@ The load is live traffic of the 7,880-sensor load fleet (event times up to a min
 old); the scripted incidents carry the current time.
 
 The module runs its own stack (not the session one): it restarts servers; a watcher
-restarts workers that exit on their own (as a container runtime would). Each case has
+restarts workers that exit on their own (as a container runtime would). Ingest runs in
+districts mode (``ingest_subscription``, see ingest/mqtt.py): its plain persistent
+subscriptions survive a Mosquitto restart, so the broker is restarted while the fleet keeps
+publishing, with nothing lost. Each case has
 its own seed, its own stretch of simulated time and its own alert source, so cases never
 count each other's data. The table (case, sent, stored, duplicates, lost, recovery) is
 printed and written to tests/artifacts/e2e_faults.txt.
@@ -24,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -121,11 +123,16 @@ ROWS: list[Row] = []
 
 @pytest.fixture(scope="module")
 def city() -> Iterator[City]:
-    # kafka_idempotent=False: noida-db 0.2.3 can drop records it acknowledged to an
-    # idempotent producer when it restarts (OutOfOrderSequenceNumber afterwards; see
-    # tests/test_ingest_reconnect.py). Event ids make the non-idempotent retries harmless.
+    # kafka_idempotent=False: a noida-db 0.2.3 restart can lose records it acknowledged
+    # (any producer; see the Kafka note under CASES), after which an idempotent producer
+    # gets OutOfOrderSequenceNumber for good (tests/test_ingest_reconnect.py). Event ids
+    # make the non-idempotent retries harmless.
+    # Districts mode (one worker owns all nine districts): a shared subscription is not
+    # restored by Mosquitto 2.0.11 after a restart, which an unplanned restart would cost
+    # readings (tests/test_ingest_partitioned.py measures it).
     with City(ingest=1, process=1, alerts=1, prefix="cityops-faults-",
-              fleet_file=LOAD_FLEET, kafka_idempotent=False) as c:
+              fleet_file=LOAD_FLEET, kafka_idempotent=False,
+              ingest_subscription="districts") as c:
         c.watch()
         yield c
 
@@ -138,34 +145,24 @@ def _worker(city: City, service: str) -> Callable[[], float]:
     return fault
 
 
-# A planned Mosquitto restart: the fleet holds its readings while the broker is down and
-# until ingest has subscribed again. Mosquitto 2.0.11 restores a persistent session's
-# queued messages but not its SHARED subscription, so whatever sensors publish between the
-# broker's return and ingest's re-subscription is dropped by the broker (17 of 5,000 in an
-# unplanned restart measured here): an unplanned broker crash is not loss-free with it.
-PAUSE = threading.Event()
-DRAINED = threading.Event()
-
-
-def _planned_mqtt_restart(city: City) -> Callable[[], float]:
+# An unplanned Mosquitto restart: SIGTERM (the broker saves its persistence file on the
+# way out) and start again, while the fleet keeps publishing; the fleet's publisher
+# buffers and resends what the broker had not acknowledged. Ingest's district
+# subscriptions come back with its session, so what sensors publish before ingest has
+# reconnected is queued for it, not dropped. The fault ends once ingest reconnected.
+def _unplanned_mqtt_restart(city: City) -> Callable[[], float]:
     restart = _server(city, "mqtt")
 
     def fault() -> float:
-        PAUSE.set()
-        try:
-            assert DRAINED.wait(30), "the fleet did not drain before the broker restart"
-            (ingest,) = city.workers("ingest")
-            before = _reconnects(city, ingest.port)
-            recovery = restart()
-            # Resume only once ingest has noticed, reconnected and subscribed again.
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not (
-                    _reconnects(city, ingest.port) > before
-                    and ingest.healthy(city.settings.host)):
-                time.sleep(0.05)
-            return recovery
-        finally:
-            PAUSE.clear()
+        (ingest,) = city.workers("ingest")
+        before = _reconnects(city, ingest.port)
+        recovery = restart()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+                _reconnects(city, ingest.port) > before
+                and ingest.healthy(city.settings.host)):
+            time.sleep(0.05)
+        return recovery
     return fault
 
 
@@ -194,15 +191,31 @@ CASES: dict[str, Callable[[City], Callable[[], float] | None]] = {
     "kill -9 ingest": lambda c: _worker(c, "ingest"),
     "kill -9 processor": lambda c: _worker(c, "process"),
     "kill -9 alerts": lambda c: _worker(c, "alerts"),
-    "restart Mosquitto (planned)": lambda c: _planned_mqtt_restart(c),
+    "restart Mosquitto (unplanned)": lambda c: _unplanned_mqtt_restart(c),
     "restart PostgreSQL": lambda c: _server(c, "postgres"),
     "database away 30 s": lambda c: _server(c, "postgres", OUTAGE_S),
+    # The local Kafka-protocol broker (noida-db 0.2.3) stopped with SIGTERM and started
+    # again under load. Measured 2026-11-22: every reading stored exactly once (5,003,
+    # 5,002, 4,994, 4,998, 5,002, 4,994 of as many; 0 duplicates, dead letters complete).
+    # Before the alerts fix the scripted intrusion raised 0 alerts in 3 of 3 runs, 1 in a
+    # 4th, in which the log shows why the worker fell behind: it died of
+    # OutOfOrderSequenceNumber in publish() (its idempotent producer id refused for good
+    # after the restart), was restarted by the watcher and replayed its backlog behind a
+    # burst of rollup partials. It now renews the producer and carries on
+    # (alerts/service.py, tests/test_alerts_kafka_restart.py): 1 alert in 2 of 2 runs, no
+    # worker restarted. The stack runs the broker binary itself (KafkaBroker.executable:
+    # the console script SIGKILLed it 0.25 s into its shutdown save). Known residual risk,
+    # noida-db's own: it still answers produce requests between its shutdown save and its
+    # exit, so records it acknowledged in that window are lost and their offsets handed
+    # out again (isolated: 4 records acknowledged 16 ms after the final save; Apache Kafka
+    # flushes before it stops); a consumer that had read them skips as many new records.
 }
-# Restarting the local Kafka-protocol broker (noida-db 0.2.3) loses records it had
-# acknowledged (99-115 of ~5,000 events here, with or without producer idempotence), so
-# the exact-count criterion cannot hold against it; it is a defect of the local broker,
-# not of the pipeline (production runs Apache Kafka). The case stays runnable on demand:
-# CITYOPS_FAULTS_KAFKA_RESTART=1 pytest tests/test_e2e_faults.py
+# Opt-in again (CITYOPS_FAULTS_KAFKA_RESTART=1): in the full matrix on a loaded machine
+# (2026-11-22, clean clone and a second run) the readings were exact (4,993 and 5,000 of
+# as many, 0 duplicates, 0 lost) but the scripted alert did not come within 30 s nor
+# within 90 s: the alerts worker's lag had grown case by case (catch-up 4 s -> 100 s) and
+# a broker restart adds the processor's re-published rollup partials. Until the alerts
+# worker keeps up after a restart, this case would fail the suite on a busy machine.
 if os.environ.get("CITYOPS_FAULTS_KAFKA_RESTART") == "1":
     CASES["restart Kafka broker"] = lambda c: _server(c, "kafka")
 
@@ -246,8 +259,7 @@ async def test_fault(case: str, city: City, tmp_path: Path,
         rss_before = sampler.sample()[1].get("process", 0)
         load = asyncio.to_thread(
             publish_load, s, truth, seed=100 + index, start_ms=start_ms, rate=RATE,
-            count=int(RATE * LOAD_S), malformed_share=0.01, scenarios=("duplicates:share=0.01",),
-            pause=PAUSE, drained=DRAINED)
+            count=int(RATE * LOAD_S), malformed_share=0.01, scenarios=("duplicates:share=0.01",))
         recovery = await _during(city, load, CASES[case](city), script)
         t_end = time.monotonic()
         exp = expected_from_truth(truth)
@@ -256,7 +268,10 @@ async def test_fault(case: str, city: City, tmp_path: Path,
         # (the bug this looks for) a moment after the first.
         conn = await asyncpg.connect(s.pg_dsn)
         try:
-            deadline = time.monotonic() + 30
+            # The alerts worker works through the rollup partials the processor publishes
+            # again after a restart; on a loaded 2-core machine its lag has reached 40 s
+            # by the later cases (the catch-up column), so the alert gets up to 90 s.
+            deadline = time.monotonic() + 90
             while True:
                 alerts = await alerts_for(conn, script.rule, script.source)
                 if alerts or time.monotonic() > deadline:
@@ -286,6 +301,10 @@ async def test_fault(case: str, city: City, tmp_path: Path,
         f"expected {dict(exp.deadletters)}")
     assert alerts == 1, (f"{case}: scripted {script.event} at {script.source} raised {alerts} "
                          f"{script.rule} alerts, not 1")
+    if "PostgreSQL" in case or case.startswith("database away"):
+        # Processor and alerts ride a database outage out in-process: nobody restarts them.
+        respawned = city.respawned[respawned_before:]
+        assert not respawned, f"{case}: workers exited and were restarted: {respawned}"
     if case.startswith("database away"):
         assert peak_rss - rss_before < PROCESSOR_RSS_GROWTH_MAX, (
             f"processor grew from {rss_before >> 20} to {peak_rss >> 20} MiB while the "
@@ -298,12 +317,12 @@ def _tally(names: list[str]) -> str:
 
 
 def _print_table(capsys: pytest.CaptureFixture[str]) -> None:
-    head = (f"{'case':<22} {'sent':>6} {'expected':>8} {'stored':>7} {'dups':>5} {'lost':>5} "
+    head = (f"{'case':<30} {'sent':>6} {'expected':>8} {'stored':>7} {'dups':>5} {'lost':>5} "
             f"{'dead letters':>18} {'alerts':>6} {'recovery s':>10} {'catch-up s':>10} "
             "exited+respawned")
     lines = [head, "-" * len(head)]
     for r in ROWS:
-        lines.append(f"{r.case:<22} {r.sent:>6} {r.expected:>8} {r.stored:>7} "
+        lines.append(f"{r.case:<30} {r.sent:>6} {r.expected:>8} {r.stored:>7} "
                      f"{r.duplicates:>5} {r.lost:>5} {r.deadletters:>18} {r.alerts:>6} "
                      f"{r.recovery_s:>10.1f} {r.catchup_s:>10.1f} {r.respawned}")
     text = "\n".join(lines)

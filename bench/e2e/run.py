@@ -44,6 +44,7 @@ import multiprocessing
 import os
 import platform
 import re
+import signal
 import sys
 import threading
 import time
@@ -200,9 +201,23 @@ def resources(sampler: ResourceSampler, t0: float, t1: float) -> dict[str, dict[
     out = {}
     for name in last[1]:
         cpu = last[2].get(name, 0.0) - first[2].get(name, 0.0)
-        out[name] = {"cores": round(max(cpu, 0.0) / wall, 3),
+        out[name] = {"cores": round(max(cpu, 0.0) / wall, 3), "cpu_s": round(max(cpu, 0.0), 2),
                      "peak_rss_mib": round(max(s[1].get(name, 0) for s in inside) / 2**20, 1)}
     return out
+
+
+def cpu_per_message(res: dict[str, dict[str, float]], messages: int,
+                    cores: int) -> dict[str, Any]:
+    """CPU milliseconds each service spent per published message over the step, and the
+    rate the whole co-located stack could reach if CPU were the only limit
+    (``cores`` / total CPU seconds per message). Unlike a wall-clock rate this barely
+    depends on what else the machine runs, so it says where the cycles go."""
+    if not res or not messages:
+        return {}
+    per = {name: round(r["cpu_s"] * 1000 / messages, 3) for name, r in res.items()}
+    total = sum(per.values())
+    return {"ms_per_msg": per, "total_ms_per_msg": round(total, 3),
+            "cpu_bound_msgs_per_s": round(cores * 1000 / total, 1) if total else None}
 
 
 # --- load from several publisher processes ---------------------------------------------------
@@ -215,6 +230,18 @@ class LoadStats:
 
 
 _SUMMARY = re.compile(r"sent (\d+) messages in ([\d.]+) s .*?(\d+) completed, (\d+) errors")
+
+
+# Publisher processes still running: an interrupted run kills them before stopping the
+# stack (their thread's ``communicate`` would otherwise hold the interpreter's exit).
+_PUBLISHERS: list[Any] = []
+
+
+def _kill_publishers() -> None:
+    for proc in _PUBLISHERS:
+        if proc.poll() is None:
+            proc.kill()
+    _PUBLISHERS.clear()
 
 
 def publish_sharded(settings: Settings, fleet: Path, truths: list[Path], *, seed: int,
@@ -233,6 +260,7 @@ def publish_sharded(settings: Settings, fleet: Path, truths: list[Path], *, seed
                "--ground-truth", str(truth), "--no-progress", "--metrics-port", "0"]
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True))
+    _PUBLISHERS.extend(procs)
     sent = errors = 0
     elapsed = 0.0
     for proc in procs:
@@ -291,7 +319,9 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
         now = time.monotonic()
         if n != last:
             last, last_change = n, now
-        if n >= exp.rows or now - last_change > 15 or now - t_pub > max(drain_s * 4, 60):
+        # Stop when all is stored, or nothing moved for 15 s (then what is missing is lost),
+        # or after a long cap (then it is backlog: ``keeps_up`` is false either way).
+        if n >= exp.rows or now - last_change > 15 or now - t_pub > max(drain_s * 4, 300):
             break
         await asyncio.sleep(0.5)
     t_done = time.monotonic()
@@ -321,7 +351,8 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
         "keeps_up": keeps_up,
         "latency_stored_ms": percentiles(lat_s), "stored_probes_missing": probe_lost,
         "latency_alert_ms": percentiles(lat_a), "alert_probes_missing": alert_lost,
-        "resources": resources(sampler, t0, t_done),
+        "resources": (res := resources(sampler, t0, t_done)),
+        "cpu": cpu_per_message(res, stats.sent, os.cpu_count() or 1),
     }
 
 
@@ -430,10 +461,18 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
+    made: list[str] = []
     steps = result.get("steps", [])
     label = (f"{result['config']['mode']} messages, {result['config']['ingest']} ingest + "
              f"{result['config']['process']} processor(s), 2 cores shared, {result['date']}")
+
+    def save(fig: Any, path: Path) -> None:
+        """Footnote (configuration and date), write the PNG, list it."""
+        fig.text(0.01, 0.01, label, fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(str(path.relative_to(ROOT)))
     if steps:
         offered = [s["offered_msgs_per_s"] for s in steps]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -452,12 +491,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_ylabel("messages/s")
         ax.set_title("cityops end to end: throughput vs offered rate", fontsize=10)
         ax.legend(fontsize=8)
-        fig.text(0.01, 0.01, label, fontsize=7)
-        fig.tight_layout()
-        path = RESULTS / f"{prefix}_throughput.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(str(path.relative_to(ROOT)))
+        save(fig, RESULTS / f"{prefix}_throughput.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for key, style, name in (("latency_stored_ms", "-", "publish→stored"),
@@ -472,12 +506,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_ylabel("latency (ms, log)")
         ax.set_title("cityops end to end: latency percentiles", fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-        fig.text(0.01, 0.01, label, fontsize=7)
-        fig.tight_layout()
-        path = RESULTS / f"{prefix}_latency.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(str(path.relative_to(ROOT)))
+        save(fig, RESULTS / f"{prefix}_latency.png")
     if result.get("soak"):
         sk = result["soak"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -488,13 +517,8 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_title(f"cityops soak at {sk['rate']:,.0f} msg/s: memory per service",
                      fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-        fig.text(0.01, 0.01, label, fontsize=7)
-        fig.tight_layout()
-        path = RESULTS / (f"{prefix}_memory.png" if prefix.endswith("_soak")
-                          else f"{prefix}_soak_memory.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(str(path.relative_to(ROOT)))
+        save(fig, RESULTS / (f"{prefix}_memory.png" if prefix.endswith("_soak")
+                             else f"{prefix}_soak_memory.png"))
     return made
 
 
@@ -584,7 +608,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     "publish_rate", "e2e_msgs_per_s", "e2e_rows_per_s", "keeps_up", "lost",
                     "duplicates", "drained_after_publish_s")}) + "\n  stored "
                     + json.dumps(step["latency_stored_ms"]) + "\n  alert  "
-                    + json.dumps(step["latency_alert_ms"]), flush=True)
+                    + json.dumps(step["latency_alert_ms"]) + "\n  cpu    "
+                    + json.dumps(step["cpu"]), flush=True)
                 if not step["keeps_up"] and not args.all_steps:
                     break
         finally:
@@ -625,6 +650,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result["machine"]["other_processes_cpu_percent_at_end"] = round(
             psutil.cpu_percent(interval=1.0), 1)
     finally:
+        _kill_publishers()
         with contextlib.suppress(Exception):
             city.stop()
     return result
@@ -659,6 +685,15 @@ def main() -> None:
     args = p.parse_args()
     name = args.out or ("e2e_soak" if args.soak and not args.rates else
                         "e2e" if args.mode == "single" else "e2e_gateway")
+    # SIGTERM (timeout, kill) stops the run like Ctrl-C: publishers and the stack go too.
+    # Only the first signal interrupts: a second one must not cut the clean-up short.
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     result = asyncio.run(main_async(args))
     RESULTS.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(result, name)
