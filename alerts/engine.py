@@ -87,6 +87,15 @@ class Engine:
     def has_correlations(self) -> bool:
         return any(isinstance(e, CorrelationEvaluator) for e in self.evaluators.values())
 
+    def correlated_rules(self) -> list[str]:
+        """The rules whose active alerts the correlation rules read (and their own)."""
+        ids: set[str] = set()
+        for rid, ev in self.evaluators.items():
+            if isinstance(ev, CorrelationEvaluator):
+                ids.add(rid)
+                ids.update(ev.rule.rules)
+        return sorted(ids)
+
     def correlate(self, active: list[Alert], now_ms: int) -> list[Signal]:
         out: list[Signal] = []
         for ev in self.evaluators.values():

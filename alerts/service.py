@@ -282,7 +282,8 @@ class AlertService:
             # From here on every database step is retried as is until it succeeds (_db).
             changes = await db(partial(store.apply, signals))
             if self.engine.has_correlations() and (changes or ticked):
-                corr = self.engine.correlate(await db(store.active), int(now * 1000))
+                active = await db(partial(store.active, self.engine.correlated_rules()))
+                corr = self.engine.correlate(active, int(now * 1000))
                 changes += await db(partial(store.apply, corr))
             if ticked:
                 changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
