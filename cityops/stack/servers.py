@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import pwd
 import shutil
@@ -31,6 +32,7 @@ from cityops.stack.process import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -219,10 +221,25 @@ class KafkaBroker(Server):
         return port_open(self.settings.host, self.port)
 
     def down(self) -> bool:
+        """A controlled shutdown: close the Kafka service, then end the process.
+
+        ``noida-db stop kafka`` (the running server's own control command) closes the
+        listener and then saves, so nothing is acknowledged after the save. SIGTERM alone
+        saves while the broker keeps answering produce requests until it exits: with a
+        100k-record log (a ~2 s save) that lost 558-597 acknowledged records per restart
+        at 500 msg/s, and 0 with ``stop kafka`` first (3 of 3 runs). Apache Kafka's
+        controlled shutdown does the same in one step. SIGTERM after it finds nothing
+        left to save; it is also the fallback when the control command fails.
+        """
         import signal
 
-        # SIGTERM makes noida-db save its data before exiting (SIGKILL would lose the tail);
-        # the save rewrites the whole retained log, so give it time.
+        if self.proc.pid is not None:
+            try:
+                subprocess.run([self.executable(), "stop", "kafka", "--data-dir", str(self.dir)],
+                               capture_output=True, timeout=60, check=True)
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.warning("noida-db stop kafka failed (%s); stopping with SIGTERM", exc)
+        # the save rewrites the whole retained log, so give it time
         return self.proc.stop(timeout=60, sig=signal.SIGTERM)
 
 
