@@ -154,7 +154,8 @@ async def test_two_workers_split_the_districts(settings: Settings, fleet: Fleet,
 
 # -- an unplanned broker restart while the publisher keeps going ------------------------------
 async def unplanned_mqtt_restart(stack: Stack, slots: list[Settings], fleet: Fleet,
-                                 tmp_path: Path, n: int) -> tuple[list[str], set[str], int]:
+                                 tmp_path: Path, n: int, quiet_s: float | None = None
+                                 ) -> tuple[list[str], set[str], int]:
     """Publish ``n`` messages; a third of the way in, stop Mosquitto (SIGTERM), start it
     again after a second, and let the publisher carry on at once. Returns the event ids in
     Kafka, the ids published, and how many messages the broker acknowledged to the
@@ -177,7 +178,7 @@ async def unplanned_mqtt_restart(stack: Stack, slots: list[Settings], fleet: Fle
                        "ingest never reconnected")
         in_gap = len(pub.acked) - back
         await asyncio.to_thread(pub.join, 90)
-        ids = await event_ids_since(st0, start, want, within=30)
+        ids = await event_ids_since(st0, start, want, within=30, quiet_s=quiet_s)
         for w in workers:
             assert w.proc is not None and w.proc.poll() is None, \
                 "ingest exited:\n" + w.log.read_text()[-3000:]
@@ -226,7 +227,8 @@ async def test_shared_mode_loses_what_arrives_before_ingest_resubscribes(
     ingest/mqtt.py and the planned-restart note in tests/test_e2e_faults.py.)"""
     base = own_stack.settings.replace(mqtt_share_group=f"s-{uuid.uuid4().hex[:6]}",
                                       **SLOW_RECONNECT)
-    ids, want, in_gap = await unplanned_mqtt_restart(own_stack, [base], fleet, tmp_path, 6000)
+    ids, want, in_gap = await unplanned_mqtt_restart(own_stack, [base], fleet, tmp_path, 6000,
+                                                     quiet_s=5.0)
     assert in_gap > 0, "the publisher published nothing before ingest re-subscribed: no test"
     lost = len(want - set(ids))
     assert lost > 0, f"shared mode lost nothing although {in_gap} arrived in the gap"

@@ -180,9 +180,12 @@ async def end_offsets(settings: Settings) -> dict[TopicPartition, int]:
 
 
 async def event_ids_since(settings: Settings, start: dict[TopicPartition, int],
-                          want: set[str], within: float) -> list[str]:
+                          want: set[str], within: float,
+                          quiet_s: float | None = None) -> list[str]:
     """Every event id on the events topic after ``start``, read until ``want`` is covered
-    (a fresh consumer, so a broker restart in between does not matter)."""
+    (a fresh consumer, so a broker restart in between does not matter), or ``within``
+    seconds, or, with ``quiet_s``, until nothing new came for that long (when a loss is
+    the expected outcome, waiting out ``within`` proves nothing more)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
                                 enable_auto_commit=False)
     await consumer.start()
@@ -192,9 +195,13 @@ async def event_ids_since(settings: Settings, start: dict[TopicPartition, int],
         for tp, off in start.items():
             consumer.seek(tp, off)
         deadline = time.monotonic() + within
+        last_new = time.monotonic()
         while not want <= set(ids) and time.monotonic() < deadline:
             for recs in (await consumer.getmany(timeout_ms=200, max_records=20_000)).values():
                 ids.extend(decode_event(r.value).event_id for r in recs)
+                last_new = time.monotonic()
+            if quiet_s is not None and time.monotonic() - last_new > quiet_s:
+                break
         # A short extra read: duplicates may trail the last new id.
         for recs in (await consumer.getmany(timeout_ms=500, max_records=20_000)).values():
             ids.extend(decode_event(r.value).event_id for r in recs)
