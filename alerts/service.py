@@ -44,7 +44,6 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
@@ -71,12 +70,9 @@ T = TypeVar("T")
 # every producer, which a process restart (the runtime's job) is no better at.
 PRODUCER_RENEWALS = 3
 
-# The database is away (restart, failover, network): the connection is gone, not the work.
-# TimeoutError: a connect to an unreachable host times out instead of being refused.
-# InternalClientError: a pooled connection whose server went away mid-operation can fail
-# its release with "cannot switch to state ...; another operation is in progress" (seen in
-# the fault matrix's PostgreSQL restart); the step is repeated on a fresh connection.
-DB_AWAY = (*CONNECTION_LOST, TimeoutError, asyncpg.InternalClientError)
+# The database is away (restart, failover, network): the connection is gone, not the work
+# (the processor's classification, processors/storage.py).
+DB_AWAY = CONNECTION_LOST
 
 
 class _Stopped(Exception):

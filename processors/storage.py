@@ -64,8 +64,13 @@ MAX_RETRIES = 5
 # The database went away (restart, failover, network): the connection is gone, not the
 # batch. The processor reconnects with back-off and writes the same batch again; Kafka
 # keeps the backlog meanwhile, so waiting costs no memory here.
+# The database went away (restart, failover, network), not the work: reconnect and write
+# the same batch again. OSError includes TimeoutError (a connect to an unreachable host).
+# InternalClientError: a connection whose server went away mid-operation can fail with
+# "cannot switch to state ...; another operation is in progress" (seen in the fault
+# matrix's PostgreSQL restart); the step is repeated on a fresh connection.
 CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                   asyncpg.exceptions.OperatorInterventionError)
+                   asyncpg.exceptions.OperatorInterventionError, asyncpg.InternalClientError)
 
 _RCOLS = ", ".join(READING_COLUMNS)
 _ICOLS = ", ".join(INCIDENT_COLUMNS)
