@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from cityops.settings import Settings
+from cityops.stack import Stack
 
 
 def free_port() -> int:
@@ -20,3 +26,18 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
         "mqtt_port", "kafka_port", "pg_port", "prometheus_port", "ingest_metrics_port",
         "process_metrics_port", "alerts_metrics_port", "simulate_metrics_port", "console_port")}
     return Settings(state_dir=state_dir, **{**ports, **overrides})  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def private_postgres(kafka_port: int, prefix: str) -> Iterator[Stack]:
+    """A PostgreSQL cluster of its own (schema migrated, running) next to a given Kafka:
+    for tests that stop the database, so the session's stack is never touched."""
+    state = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("CITYOPS_TEST_TMP")))
+    state.chmod(0o755)  # the server drops to the postgres user
+    st = Stack(isolated_settings(state, kafka_port=kafka_port))
+    try:
+        st.up(only=["postgres"])
+        yield st
+    finally:
+        st.down()
+        shutil.rmtree(state, ignore_errors=True)

@@ -16,9 +16,6 @@ stack, used by other tests, is never stopped; Kafka is the session's broker.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +29,7 @@ from alerts.model import decode_change
 from alerts.testing import EventProducer, RunningService, make_event, now_ms
 from cityops.settings import Settings
 from cityops.stack import Stack
-from tests.support import isolated_settings
+from tests.support import private_postgres
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,16 +53,8 @@ rules:
 @pytest.fixture(scope="module")
 def own_pg(settings: Settings) -> Iterator[Stack]:
     """A private PostgreSQL (schema migrated); Kafka stays the session's."""
-    state = Path(tempfile.mkdtemp(prefix="cityops-alerts-outage-",
-                                  dir=os.environ.get("CITYOPS_TEST_TMP")))
-    state.chmod(0o755)  # the server drops to the postgres user
-    st = Stack(isolated_settings(state, kafka_port=settings.kafka_port))
-    try:
-        st.up(only=["postgres"])
+    with private_postgres(settings.kafka_port, "cityops-alerts-outage-") as st:
         yield st
-    finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def _until(check, within: float, what: str) -> None:  # type: ignore[no-untyped-def]

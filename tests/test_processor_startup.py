@@ -10,13 +10,9 @@ session's stack is never touched; Kafka is the session's broker.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -26,7 +22,7 @@ from cityops.stack import Stack
 from cityops.stack.servers import create_topics
 from processors.service import serve
 from processors.testing import make_stream
-from tests.support import free_port, isolated_settings
+from tests.support import free_port, private_postgres
 from tests.test_processors import count_rows, private, produce, wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -35,17 +31,9 @@ pytestmark = pytest.mark.timeout(180)
 @pytest.fixture(scope="module")
 def own_pg(settings: Settings) -> Iterator[Stack]:
     """A private PostgreSQL, initialised and then stopped; Kafka stays the session's."""
-    state = Path(tempfile.mkdtemp(prefix="cityops-process-startup-",
-                                  dir=os.environ.get("CITYOPS_TEST_TMP")))
-    state.chmod(0o755)  # the server drops to the postgres user
-    st = Stack(isolated_settings(state, kafka_port=settings.kafka_port))
-    try:
-        st.up(only=["postgres"])
+    with private_postgres(settings.kafka_port, "cityops-process-startup-") as st:
         st.server("postgres").down()
         yield st
-    finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 async def test_waits_for_the_database_then_migrates_and_stores(own_pg: Stack) -> None:
