@@ -26,7 +26,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import random
 import time
 from typing import Any
 
@@ -38,6 +37,7 @@ from aiokafka.partitioner import DefaultPartitioner
 from cityops.registry import load_fleet
 from cityops.service import static_member_id
 from cityops.settings import Settings
+from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import (
     DeadLetter,
     Event,
@@ -344,18 +344,17 @@ async def _open_storage(settings: Settings, stop: asyncio.Event,
     there yet: services of an operations center start in any order, and a processor that
     exits until PostgreSQL answers is restarted over and over by its runtime (seen: 32
     restarts in a 30 s outage). None if ``stop`` was set first."""
-    delay = 0.2
+    backoff = Backoff(0.2, max_delay_s)
     while not stop.is_set():
         try:
             mode = await migrate(settings.pg_dsn, settings.storage_mode,
                                  retention_days=settings.retention_days)
             return await Storage.connect(settings.pg_dsn, mode)
         except CONNECTION_LOST as exc:
+            delay = backoff.next()
             log.warning("database not reachable yet (%s: %s); next try in %.1fs",
                         type(exc).__name__, exc, delay)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, max_delay_s)
+            await sleep_unless(stop, delay)
     return None
 
 
@@ -363,10 +362,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> int:
     """Migrate, register the fleet, then consume until ``stop`` is set."""
     from cityops.service import serve_http
 
-    opened = await _open_storage(settings, stop)
-    if opened is None:
+    storage = await _open_storage(settings, stop)
+    if storage is None:
         return 0
-    storage = opened
     processor = Processor(settings, storage)
     server = serve_http("process", settings.bind_host, settings.process_metrics_port,
                         health=lambda: processor.healthy)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ import asyncpg
 import numpy as np
 
 from cityops.registry import Fleet
+from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import DeadLetter
 from processors import metrics
 from processors.batch import (
@@ -63,9 +63,8 @@ TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 MAX_RETRIES = 5
 # The database went away (restart, failover, network): the connection is gone, not the
 # batch. The processor reconnects with back-off and writes the same batch again; Kafka
-# keeps the backlog meanwhile, so waiting costs no memory here.
-# The database went away (restart, failover, network), not the work: reconnect and write
-# the same batch again. OSError includes TimeoutError (a connect to an unreachable host).
+# keeps the backlog meanwhile, so waiting costs no memory here. OSError includes
+# TimeoutError (a connect to an unreachable host).
 # InternalClientError: a connection whose server went away mid-operation can fail with
 # "cannot switch to state ...; another operation is in progress" (seen in the fault
 # matrix's PostgreSQL restart); the step is repeated on a fresh connection.
@@ -263,16 +262,16 @@ class Storage:
         log.warning("database connection lost (%s: %s); reconnecting", type(cause).__name__,
                     cause)
         self.conn.terminate()
-        delay = 0.2
+        backoff = Backoff(0.2, max_delay_s)
         while not stop.is_set():
             try:
                 self.conn = await asyncpg.connect(self.dsn, timeout=5)
-            except (*CONNECTION_LOST, asyncpg.PostgresError, TimeoutError) as exc:
+            except (*CONNECTION_LOST, asyncpg.PostgresError) as exc:
                 metrics.WRITE_RETRIES.inc()
+                delay = backoff.next()
                 log.warning("database still unreachable (%s); next try in %.1fs",
                             type(exc).__name__, delay)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, max_delay_s)
+                await sleep_unless(stop, delay)
                 continue
             self._ready = False  # session-local staging tables are made again
             log.info("database connection restored")
