@@ -69,6 +69,7 @@ from simulators.simulation import Simulation  # noqa: E402
 from tests.e2e_harness import (  # noqa: E402
     City,
     ResourceSampler,
+    Stored,
     city_pids,
     count_stored,
     deadletter_watermark,
@@ -320,6 +321,7 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
     # the tail was still in flight, and that tail was reported lost (61 readings of a soak,
     # hundreds in gateway steps). The exact count decides; the cheap one only gates it.
     last, last_change, last_exact = -1, time.monotonic(), 0.0
+    stored: Stored | None = None  # the last exact count, when it found everything
     while True:
         n = int(await conn.fetchval(
             "select (select count(*) from readings where time between $1 and $2) + "
@@ -333,11 +335,14 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
             break
         if n >= exp.rows and now - last_exact >= 2.0:
             last_exact = now
-            if (await count_stored(conn, exp, dl_mark)).complete:
+            stored = await count_stored(conn, exp, dl_mark)
+            if stored.complete:
                 break
+            stored = None
         await asyncio.sleep(0.5)
     t_done = time.monotonic()
-    stored = await count_stored(conn, exp, dl_mark)
+    if stored is None:
+        stored = await count_stored(conn, exp, dl_mark)
     t_last_commit = await conn.fetchval(
         "select extract(epoch from max(pg_xact_commit_timestamp(xmin))) from readings "
         "where time between $1 and $2", lo, hi)
