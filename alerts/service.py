@@ -25,8 +25,8 @@ stays flat), /healthz says unhealthy, and no checkpoint is taken while a batch i
 evaluated but not yet applied, so state and offsets never get ahead of the alerts.
 
 The alerts producer is idempotent, so a producer id can become unusable for good: after a
-broker loses records it had acknowledged (noida-db restarted between its last save and
-its exit; Apache Kafka after an unclean leader election), every batch is refused with
+broker loses records it had acknowledged (Apache Kafka after an unclean leader election,
+or a whole machine lost before its page cache was written back), every batch is refused with
 OutOfOrderSequenceNumber. ``publish`` then replaces the producer (``PRODUCER_FATAL``, as
 ingest does) and sends again what was not acknowledged, instead of ending the process
 (measured in the fault matrix: the worker exited with the batch's alerts written but not
@@ -49,12 +49,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.structs import OffsetAndMetadata
 
 from alerts.engine import Engine
-from alerts.kafka import poll
 from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS
 from alerts.model import AlertChange, encode_change
 from alerts.rollups import decode_rollup, decode_rollups
 from alerts.ruleset import RulesFile
 from alerts.store import AlertStore, create_pool
+from cityops.kafka import require_topics
 from cityops.registry import Fleet, load_fleet
 from cityops.service import static_member_id
 from cityops.settings import Settings
@@ -209,13 +209,13 @@ class AlertService:
             if self.store is not None:
                 self.store.pool.terminate()
             return
+        await require_topics(s, [s.topics.events, s.topics.aggregates, s.topics.alerts])
         self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
             # Static membership: a killed worker rejoins at once (see static_member_id).
             group_instance_id=static_member_id("alerts", s.alerts_metrics_port),
-            enable_auto_commit=False, auto_offset_reset="latest", max_poll_records=5000,
-            fetch_max_wait_ms=50)
+            enable_auto_commit=False, auto_offset_reset="latest", max_poll_records=5000)
         await self.producer.start()
         try:
             await self.consumer.start()
@@ -247,7 +247,11 @@ class AlertService:
         store, db = self.store, self._db
         last_tick = 0.0
         while not stop.is_set():
-            data = await poll(self.consumer, max_records=5000)
+            # Wait for records until the next tick is due: the broker holds an empty fetch
+            # (fetch.max.wait.ms) and answers as soon as records arrive, so a quiet stream
+            # costs a few requests a second and no latency.
+            wait_ms = max(1, int((last_tick + self.tick_s - time.time()) * 1000))
+            data = await self.consumer.getmany(timeout_ms=wait_ms, max_records=5000)
             if data:
                 self.assigned = True
             self._clean = False

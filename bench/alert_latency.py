@@ -45,7 +45,6 @@ import numpy as np
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from alerts.kafka import poll
 from alerts.testing import make_event
 from cityops.registry import load_fleet
 from cityops.settings import PROJECT_ROOT, Settings
@@ -195,13 +194,13 @@ async def phase(s: Settings, console_url: str, cookie: str, rate: int, seconds: 
 
     async def kafka_baseline() -> None:
         c = AIOKafkaConsumer(s.topics.events, bootstrap_servers=s.kafka_bootstrap,
-                             auto_offset_reset="latest", fetch_max_wait_ms=50)
+                             auto_offset_reset="latest")
         await c.start()
         try:
             await c.seek_to_end()
             ready.set()
             while not stop.is_set():
-                for msgs in (await poll(c, max_records=10000)).values():
+                for msgs in (await c.getmany(timeout_ms=200, max_records=10000)).values():
                     t = time.time()
                     for m in msgs:
                         if m.key and m.key.startswith(b"probe-"):

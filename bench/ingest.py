@@ -16,8 +16,8 @@ Contenders:
                  with the lean ``asyncio`` MQTT transport unless the name says otherwise
 
 Each run also reports CPU seconds: the contender's own, and Mosquitto's plus the Kafka
-broker's (``broker_cpu_s``; the local broker is noida-db, whose cost grows with the data
-it retains), since on 2 cores they all compete.
+broker's (``broker_cpu_s``; the local broker is Apache Kafka on the same machine), since on
+2 cores they all compete.
 
 Usage: ``.venv/bin/python bench/ingest.py [--messages 100000] [--gateways 2000]``
 Starts its own Mosquitto and Kafka broker on free ports (stopped at the end); writes

@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from cityops.errors import ConfigError
 from cityops.settings import Settings, SettingsError
 
 SERVICES: dict[str, tuple[str, str]] = {
@@ -74,13 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args, settings)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        from cityops.stack import StackError
-
-        if isinstance(exc, StackError):
-            print(f"cityops: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except ConfigError as exc:  # bad configuration: one line, no traceback
+        print(f"cityops: {exc}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

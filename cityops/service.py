@@ -67,10 +67,10 @@ def static_member_id(service: str, port: int) -> str:
     """A Kafka static-membership id (KIP-345) for one consumer process on this host.
 
     Static membership lets a worker killed with -9 take its old place in the consumer
-    group at once instead of waiting for the broker to expire it (noida-db, the local
-    broker, never expires a dead group leader at all). The service's metrics port is
-    unique per process on a host (it binds it) and stable across restarts; in a pod the
-    host name is the pod name.
+    group at once, with its old partitions and no rebalance, instead of the group waiting
+    up to ``session.timeout.ms`` for the broker to expire the dead member. The service's
+    metrics port is unique per process on a host (it binds it) and stable across
+    restarts; in a pod the host name is the pod name.
     """
     return f"{socket.gethostname()}-{service}-{port}"
 

@@ -10,18 +10,18 @@ The producer is idempotent with ``acks=all``: a retried request cannot duplicate
 reorder a partition's records, so the only duplicates downstream can see are MQTT
 redeliveries after a crash, and those carry the same event id.
 
-A Kafka broker restart can leave the idempotent producer's sequence numbers out of step
-with the broker's (measured with noida-db: ``OutOfOrderSequenceNumber`` on every retry,
-forever). Such an error is final for that producer id, so ``renew`` replaces the client
-with a fresh one (a new producer id, sequences from zero); the service then hands the
-batches over again: at worst a duplicate, with the same event id.
+A broker that lost records it had acknowledged (an unclean leader election, a machine
+lost before its page cache was written back) leaves the idempotent producer's sequence
+numbers out of step with its own: ``OutOfOrderSequenceNumber`` on every retry, forever.
+Such an error is final for that producer id, so ``renew`` replaces the client with a
+fresh one (a new producer id, sequences from zero); the service then hands the batches
+over again: at worst a duplicate, with the same event id. A plain broker restart, even a
+SIGKILL, keeps what it acknowledged (``cityops/stack/kafka.py``), and the fault matrix
+runs ingest idempotent through both.
 
-``kafka_idempotent`` turns idempotence off. Measured with noida-db 0.2.3 restarted under
-an idempotent producer: in about half the runs it answered ``OutOfOrderSequenceNumber``
-afterwards and 22-131 events it had acknowledged were missing from the topic
-(tests/test_ingest_reconnect.py). Without idempotence a retry can only duplicate (same
-event id, which consumers must accept anyway) and per-partition order holds, since
-aiokafka keeps one batch in flight per partition.
+``kafka_idempotent`` turns idempotence off (for brokers without it); a retry can then
+only duplicate (same event id, which consumers must accept anyway) and per-partition
+order holds, since aiokafka keeps one batch in flight per partition.
 
 Compression defaults to zstd (``kafka_compression``): aiokafka compresses lz4 at level 9
 (LZ4-HC), measured here at ~370 MB/s, a tenth of ingest's CPU at full speed; zstd at

@@ -40,6 +40,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+from cityops.kafka import require_topics
 from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings
 from ingest import metrics
@@ -121,6 +122,8 @@ class IngestService:
                        self.settings.ingest_reconnect_max_ms / 1000)
 
     async def run(self) -> None:
+        topics = self.settings.topics
+        await require_topics(self.settings, [topics.events, topics.deadletter])
         producer = EventProducer(self.settings, self.client_id)
         await producer.start()
         try:

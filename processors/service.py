@@ -34,6 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
+from cityops.kafka import require_topics
 from cityops.registry import load_fleet
 from cityops.service import static_member_id
 from cityops.settings import Settings
@@ -78,6 +79,7 @@ class Processor:
 
     async def start(self) -> None:
         s = self.settings
+        await require_topics(s, [s.topics.events, s.topics.deadletter, s.topics.aggregates])
         self.consumer = AIOKafkaConsumer(
             s.topics.events, s.topics.deadletter, bootstrap_servers=s.kafka_bootstrap,
             group_id=s.process_group, group_instance_id=instance_id(s),
@@ -263,8 +265,9 @@ def instance_id(settings: Settings) -> str | None:
     """The static group member id (see ``Settings.process_instance_id``).
 
     Static membership is what lets a processor killed with -9 come back at once: the
-    restarted member replaces its dead self instead of waiting for the broker to expire
-    it (and noida-db, the local test broker, never expires a dead group leader at all).
+    restarted member takes its dead self's place and partitions without a rebalance,
+    instead of the group waiting up to ``session.timeout.ms`` for the broker to expire it
+    (Apache Kafka does expire it; static membership is about recovery time, not that).
     """
     if settings.process_instance_id == "auto":
         return static_member_id("process", settings.process_metrics_port)

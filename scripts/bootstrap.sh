@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Bring a fresh Debian/Ubuntu machine to the point where cityops runs: the Debian
-# packages of the real servers, a .venv with the project and its dev extras.
+# packages of the real servers (Java 17 and Maven for Apache Kafka, whose jars the first
+# `cityops stack up` fetches from Maven Central into ~/.cache/cityops), a .venv with the
+# project and its dev extras.
 # Idempotent and quick when everything is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,8 @@ NEEDS=(
   "/usr/bin/chromium chromium"
   "node nodejs"
   "npm npm"
+  "java openjdk-17-jre-headless"
+  "mvn maven"
 )
 missing=()
 for need in "${NEEDS[@]}"; do

@@ -23,8 +23,9 @@ def free_port() -> int:
 def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
     """Settings for an isolated stack: fresh ports, own state folder."""
     ports = {name: free_port() for name in (
-        "mqtt_port", "kafka_port", "pg_port", "prometheus_port", "ingest_metrics_port",
-        "process_metrics_port", "alerts_metrics_port", "simulate_metrics_port", "console_port")}
+        "mqtt_port", "kafka_port", "kafka_controller_port", "pg_port", "prometheus_port",
+        "ingest_metrics_port", "process_metrics_port", "alerts_metrics_port",
+        "simulate_metrics_port", "console_port")}
     return Settings(state_dir=state_dir, **{**ports, **overrides})  # type: ignore[arg-type]
 
 

@@ -1,8 +1,9 @@
-"""The alerts producer after its producer id became unusable (a broker restart that lost
-acknowledged records: noida-db between its last save and its exit, Apache Kafka after an
-unclean leader election): the broker then refuses every batch of that producer with
-OutOfOrderSequenceNumber. ``publish`` must renew the producer and deliver each change
-exactly once instead of failing (which ended the worker in the fault matrix).
+"""The alerts producer after its producer id became unusable (a broker that lost records
+it had acknowledged, as Apache Kafka can after an unclean leader election or a machine
+crash before the OS wrote its page cache back): the broker then refuses every batch of
+that producer with OutOfOrderSequenceNumber. ``publish`` must renew the producer and
+deliver each change exactly once instead of failing (which ended the worker in the fault
+matrix).
 
 The refusal is provoked on the session broker without restarting it (other tests use it):
 the producer's sequence number for the partition is moved ahead of what the broker holds,

@@ -17,20 +17,10 @@ re-delivered or re-published, and must all arrive. (Ingest's districts mode, wit
 subscriptions the broker does restore, closes the gap: tests/test_ingest_partitioned.py
 restarts the broker without holding the publisher.)
 
-Measured limitation of noida-db 0.2.3 (the local Kafka broker): a restart can lose
-records it had acknowledged, with any producer. It keeps answering produce requests
-between its shutdown save and its exit (isolated with a plain producer: 4 records
-acknowledged 16 ms after the final save were gone after the restart, their offsets
-handed out again); and until the stack ran the binary itself, its console script
-SIGKILLed it 0.25 s into that save. An IDEMPOTENT producer then finds the broker's
-restored sequence numbers behind its own and gets ``OutOfOrderSequenceNumber`` on every
-later batch (seen here in about half the runs, each with 22-131 acknowledged events
-missing; isolated: the missing records were exactly those at and above the restored
-log end). So the Kafka restart here runs with ``kafka_idempotent`` off: a retried batch
-may then land twice, as the same event ids, which the contract allows. The broker is
-stopped when ingest has nothing in flight, so nothing is in that window, and publishing
-goes on while Kafka is down: ingest must hold the stream (Receive Maximum backpressure,
-retries) and deliver all of it.
+The Kafka broker (Apache Kafka, stopped with SIGTERM: its controlled shutdown) is
+restarted under the idempotent producer ingest always uses; publishing goes on while
+Kafka is down: ingest must hold the stream (Receive Maximum backpressure, retries) and
+deliver all of it.
 """
 
 from __future__ import annotations
@@ -291,8 +281,7 @@ async def test_mosquitto_restart_mid_stream_loses_nothing(
 
 async def test_kafka_restart_mid_stream_loses_nothing(
         own_stack: Stack, fleet: Fleet, tmp_path: Path) -> None:
-    st = own_stack.settings.replace(mqtt_share_group=f"rc-{uuid.uuid4().hex[:6]}",
-                                    kafka_idempotent=False)  # see the module doc
+    st = own_stack.settings.replace(mqtt_share_group=f"rc-{uuid.uuid4().hex[:6]}")
     worker, ids, want = await restart_mid_stream(own_stack, "kafka", st, fleet, tmp_path, 6000)
     try:
         retries = worker.metric("cityops_ingest_kafka_retries_total")

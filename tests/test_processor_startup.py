@@ -19,7 +19,7 @@ import pytest
 
 from cityops.settings import Settings
 from cityops.stack import Stack
-from cityops.stack.servers import create_topics
+from cityops.stack.kafka import create_topics
 from processors.service import serve
 from processors.testing import make_stream
 from tests.support import free_port, private_postgres

@@ -27,7 +27,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from cityops.settings import Settings, Topics
-from cityops.stack.servers import create_topics
+from cityops.stack.kafka import create_topics
 from ingest.contract import DeadLetter, Event, encode_deadletter, encode_event
 from processors import queries
 from processors.batch import Vocabularies, columns

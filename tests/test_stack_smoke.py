@@ -95,7 +95,9 @@ async def test_kafka_produce_consume_with_group(settings: Settings) -> None:
 
 
 async def test_kafka_has_project_topics(settings: Settings) -> None:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    # Naming the topic makes the consumer load its metadata at start (``topics()`` only
+    # lists names; it does not fill the client's cluster view).
+    consumer = AIOKafkaConsumer(settings.topics.events, bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     try:
         topics = await consumer.topics()

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 
 from cityops.settings import Settings
-from cityops.stack.servers import create_topics
+from cityops.stack.kafka import create_topics
 from processors import queries
 from processors.batch import columns
 from processors.maintenance import run_maintenance

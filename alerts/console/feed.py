@@ -14,7 +14,6 @@ import logging
 
 from aiokafka import AIOKafkaConsumer
 
-from alerts.kafka import poll
 from alerts.model import AlertChange, decode_change
 from cityops.settings import Settings
 
@@ -38,7 +37,7 @@ class AlertFeed:
     async def start(self) -> None:
         self._consumer = AIOKafkaConsumer(
             self.settings.topics.alerts, bootstrap_servers=self.settings.kafka_bootstrap,
-            auto_offset_reset="latest", enable_auto_commit=False, fetch_max_wait_ms=20)
+            auto_offset_reset="latest", enable_auto_commit=False)
         await self._consumer.start()
         await self._consumer.seek_to_end()
         for tp in self._consumer.assignment():  # resolve positions now, not at first fetch
@@ -68,7 +67,7 @@ class AlertFeed:
     async def _run(self) -> None:
         assert self._consumer
         while True:
-            batch = await poll(self._consumer, max_records=1000)
+            batch = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
             for msgs in batch.values():
                 for m in msgs:
                     try:

@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cityops.errors import ConfigError
 
-class StackError(RuntimeError):
+
+class StackError(ConfigError):
     """A server could not be started or is missing; the message says what to do."""
 
 
@@ -52,10 +54,14 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie still answers kill(0); treat it as dead.
+    # A zombie still answers kill(0); treat it as dead -- unless it is only the thread
+    # group's leader that exited: a killed JVM's other threads go on closing its sockets
+    # for a moment, and its ports are not free until the last one is gone.
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][0] != "Z"
+            if fh.read().split(") ", 1)[1][0] != "Z":
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except OSError:
         return True
 

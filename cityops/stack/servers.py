@@ -1,9 +1,8 @@
-"""The four real servers of the local stack: Mosquitto, a Kafka broker, PostgreSQL, Prometheus.
+"""The four real servers of the local stack: Mosquitto, Apache Kafka, PostgreSQL, Prometheus.
 
 Each class knows how to install-check, configure, start, health-check and stop its
 server under the stack's state folder. Nothing here is a mock: these are the same
-binaries production runs (Kafka aside: locally a Kafka-protocol broker from PyPI,
-``noida-db``; see ``../shared/platform-notes.md`` for why not tansu).
+programs production runs (Kafka's own jars from Maven Central: ``cityops/stack/kafka.py``).
 """
 
 from __future__ import annotations
@@ -14,15 +13,17 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cityops.kafka import missing_topics
 from cityops.settings import PROJECT_ROOT, Settings
+from cityops.stack import kafka
 from cityops.stack.process import (
     ManagedProcess,
     StackError,
@@ -168,107 +169,71 @@ class Mosquitto(Server):
         wait_until(self.healthy, 10, "mosquitto", self.proc)
 
     def reload_acl(self) -> None:
-        import signal
-
         if self.proc.pid:
             os.kill(self.proc.pid, signal.SIGHUP)
 
 
 class KafkaBroker(Server):
-    """A Kafka-protocol broker from PyPI (noida-db), plus the project's topics."""
+    """Apache Kafka (KRaft, one combined broker+controller), plus the project's topics.
+
+    See ``cityops/stack/kafka.py`` for where the jars come from and what one local node
+    promises after a crash.
+    """
 
     name = "kafka"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.files = kafka.BrokerFiles(self.dir)
 
     @property
     def port(self) -> int:
         return self.settings.kafka_port
 
     def check_installed(self) -> None:
-        require("noida-db", "noida-db", "pip install 'noida-db==0.2.3' (in .venv)",
-                search=[str(Path(sys.executable).parent)])
+        kafka.java()
+        jars = kafka.BrokerJars(self.settings.cache_dir)
+        if not jars.fetched:
+            require("mvn", "maven", "sudo apt-get install -y maven (or scripts/bootstrap.sh)")
 
-    @staticmethod
-    def executable() -> str:
-        """The broker binary itself, not the ``noida-db`` console script in front of it.
-
-        The console script is Python running the binary with ``subprocess.call``. Signalled
-        with the binary (one process group), it cuts the broker's shutdown save short: on
-        SIGINT, CPython's ``call`` waits 0.25 s for the child, then SIGKILLs it, and what
-        the broker acknowledged since its last periodic save is gone (measured: 2,381
-        acknowledged records in one of three restarts at 1,500 msg/s); on SIGTERM the
-        script dies at once, so ``down`` returns before the save is done. Run directly,
-        ``down`` waits for the broker's own exit, after its save.
-        """
-        script = require("noida-db", "noida-db", "pip install 'noida-db==0.2.3'",
-                         search=[str(Path(sys.executable).parent)])
-        try:
-            from importlib.resources import files
-
-            binary = Path(str(files("noida_db").joinpath("noida-db")))
-        except ModuleNotFoundError:  # installed for another interpreter: only the script
-            return script
-        return str(binary) if binary.is_file() and os.access(binary, os.X_OK) else script
+    def up(self) -> bool:
+        if self.proc.pid is None:
+            cport = self.settings.kafka_controller_port
+            if port_open(self.settings.host, cport):
+                raise StackError(
+                    f"kafka: controller port {cport} on {self.settings.host} is taken by "
+                    f"another process; set CITYOPS_KAFKA_CONTROLLER_PORT to a free port")
+        return super().up()
 
     def start(self) -> None:
-        exe = self.executable()
+        s, files = self.settings, self.files
+        java = kafka.java()
+        classpath = kafka.BrokerJars(s.cache_dir).classpath()
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc.start([exe, "start", "--data-dir", str(self.dir), "--host", self.settings.host,
-                         "--only", "kafka", "--kafka-port", str(self.port)])
-        wait_until(self.healthy, 20, "kafka broker", self.proc)
-        run_sync(create_topics(self.settings))
+        files.properties.write_text(kafka.server_properties(s, files.data))
+        files.log_config.write_text(kafka.LOG4J2)
+        kafka.format_storage(java, classpath, files)
+        self.proc.start([java, *kafka.jvm_options(s, files.log_config), "-cp", classpath,
+                         "kafka.Kafka", str(files.properties)])
+        wait_until(lambda: port_open(s.host, self.port), 90, "kafka broker", self.proc)
+        # The first metadata answers can come before the controller has elected itself.
+        wait_until(lambda: run_sync(self._create_topics()), 60, "kafka topics", self.proc,
+                   interval=0.5)
+        wait_until(self.healthy, 30, "kafka broker", self.proc)
+
+    async def _create_topics(self) -> bool:
+        await kafka.create_topics(self.settings)
+        return True
 
     def healthy(self) -> bool:
-        return port_open(self.settings.host, self.port)
+        """The broker answers metadata and every project topic exists."""
+        return port_open(self.settings.host, self.port) and not run_sync(
+            missing_topics(self.settings))
 
     def down(self) -> bool:
-        """A controlled shutdown: close the Kafka service, then end the process.
-
-        ``noida-db stop kafka`` (the running server's own control command) closes the
-        listener and then saves, so nothing is acknowledged after the save. SIGTERM alone
-        saves while the broker keeps answering produce requests until it exits: with a
-        100k-record log (a ~2 s save) that lost 558-597 acknowledged records per restart
-        at 500 msg/s, and 0 with ``stop kafka`` first (3 of 3 runs). Apache Kafka's
-        controlled shutdown does the same in one step. SIGTERM after it finds nothing
-        left to save; it is also the fallback when the control command fails.
-        """
-        import signal
-
-        if self.proc.pid is not None:
-            try:
-                subprocess.run([self.executable(), "stop", "kafka", "--data-dir", str(self.dir)],
-                               capture_output=True, timeout=60, check=True)
-            except (OSError, subprocess.SubprocessError) as exc:
-                log.warning("noida-db stop kafka failed (%s); stopping with SIGTERM", exc)
-        # the save rewrites the whole retained log, so give it time
-        return self.proc.stop(timeout=60, sig=signal.SIGTERM)
-
-
-async def create_topics(settings: Settings) -> None:
-    """Create the project's topics; existing ones are fine (error code 36 is "exists")."""
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                                request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        t = settings.topics
-        cfg = {"retention.ms": str(settings.kafka_retention_ms)}
-        wanted = [
-            NewTopic(t.events, settings.kafka_partitions, 1, topic_configs=cfg),
-            NewTopic(t.deadletter, 3, 1, topic_configs=cfg),
-            NewTopic(t.aggregates, 3, 1, topic_configs=cfg),
-            NewTopic(t.alerts, 3, 1, topic_configs=cfg),
-        ]
-        existing = set(await admin.list_topics())
-        new = [nt for nt in wanted if nt.name not in existing]
-        if new:
-            resp = await admin.create_topics(new)
-            for err in getattr(resp, "topic_errors", []):
-                name, code = err[0], err[1]
-                if code not in (0, 36):
-                    raise StackError(f"kafka: creating topic {name} failed with error code {code}")
-    finally:
-        await admin.close()
+        """SIGTERM, then wait for Kafka's own clean shutdown (it closes the listeners,
+        flushes and checkpoints the logs, so the next start skips log recovery)."""
+        return self.proc.stop(timeout=90, sig=signal.SIGTERM)
 
 
 class Postgres(Server):
