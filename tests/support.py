@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
 from cityops.settings import Settings
 from cityops.stack import Stack
 
@@ -42,3 +44,10 @@ def private_postgres(kafka_port: int, prefix: str) -> Iterator[Stack]:
     finally:
         st.down()
         shutil.rmtree(state, ignore_errors=True)
+
+
+async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """A topic's partitions as seen by a started consumer that is not subscribed to it:
+    such a consumer holds no metadata for the topic until it asks for it."""
+    await consumer._client.force_metadata_update()
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]

@@ -856,6 +856,24 @@ def test_strimzi_kafka_replicates_every_topic_three_ways() -> None:
         "CITYOPS_KAFKA_PARTITIONS"]
 
 
+def test_production_kafka_version_is_the_local_one() -> None:
+    """Compose images, the Kubernetes topics job and Strimzi run the Kafka release the
+    local stack runs (deploy/kafka/pom.xml), so what the tests prove is what ships."""
+    from cityops.stack.kafka import kafka_version
+
+    version = kafka_version()
+    images = {svc.get("image") for svc in compose()["services"].values()
+              if "kafka" in str(svc.get("image", ""))}
+    assert images == {f"apache/kafka:{version}"}, images
+    docs = rendered("overlays/production")
+    (kafka,) = by_kind(docs, "Kafka").values()
+    assert kafka["spec"]["kafka"]["version"] == version
+    assert str(kafka["spec"]["kafka"]["metadataVersion"]).startswith(
+        ".".join(version.split(".")[:2]) + "-IV")
+    jobs = (DEPLOY / "kubernetes" / "base" / "jobs.yaml").read_text()
+    assert re.findall(r"image: apache/kafka:(\S+)", jobs) == [version]
+
+
 def test_keda_scales_ingest_and_processors_on_their_backlog() -> None:
     docs = rendered("overlays/production")
     wl = workloads(docs)

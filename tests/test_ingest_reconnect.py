@@ -48,7 +48,7 @@ from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings
 from cityops.stack import Stack
 from ingest.contract import decode_event
-from tests.support import isolated_settings
+from tests.support import isolated_settings, topic_partitions
 from tests.test_ingest_service import Worker, base_time, stream
 
 pytestmark = pytest.mark.timeout(180)
@@ -162,8 +162,7 @@ async def end_offsets(settings: Settings) -> dict[TopicPartition, int]:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
     await consumer.start()
     try:
-        parts = [TopicPartition(settings.topics.events, p)
-                 for p in consumer.partitions_for_topic(settings.topics.events) or ()]
+        parts = await topic_partitions(consumer, settings.topics.events)
         return await consumer.end_offsets(parts)
     finally:
         await consumer.stop()

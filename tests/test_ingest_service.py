@@ -20,7 +20,7 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 from aiokafka.partitioner import DefaultPartitioner
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import REGISTRY
@@ -31,7 +31,7 @@ from ingest import samples
 from ingest.contract import decode_deadletter, decode_event
 from ingest.normalize import InboundMessage, Normalizer
 from ingest.service import IngestService
-from tests.support import free_port
+from tests.support import free_port, topic_partitions
 from tests.test_ingest_normalize import bad_cases
 
 pytestmark = pytest.mark.timeout(240)
@@ -88,17 +88,11 @@ class KafkaReader:
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.kafka_bootstrap,
                                          enable_auto_commit=False)
         await self.consumer.start()
-        parts = [TopicPartition(self.topic, p)
-                 for p in sorted(self.consumer.partitions_for_topic(self.topic) or
-                                 await self._partitions())]
+        parts = await topic_partitions(self.consumer, self.topic)
         self.consumer.assign(parts)
         for tp, end in (await self.consumer.end_offsets(parts)).items():
             self.consumer.seek(tp, end)
         return self
-
-    async def _partitions(self) -> set[int]:
-        await self.consumer._client.force_metadata_update()
-        return self.consumer.partitions_for_topic(self.topic) or set()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.consumer.stop()

@@ -24,7 +24,7 @@ from pathlib import Path
 import asyncpg
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from cityops.settings import Settings, Topics
 from cityops.stack.kafka import create_topics
@@ -36,7 +36,7 @@ from processors.rollup import ROLLUPS, aggregate, decode_rollup
 from processors.service import Processor
 from processors.storage import Storage
 from processors.testing import make_stream, reference_latest, reference_rollups
-from tests.support import free_port
+from tests.support import free_port, topic_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,9 +226,7 @@ async def _merged_partials(s: Settings, tag: str) -> dict[str, dict[tuple, list]
     await consumer.start()
     out: dict[str, dict[tuple, list]] = defaultdict(dict)
     try:
-        await consumer.topics()  # loads the cluster metadata
-        parts = [TopicPartition(s.topics.aggregates, p) for p in
-                 consumer.partitions_for_topic(s.topics.aggregates) or ()]
+        parts = await topic_partitions(consumer, s.topics.aggregates)
         assert parts
         consumer.assign(parts)
         await consumer.seek_to_beginning(*parts)

@@ -93,7 +93,7 @@ def test_stale_state_folder_of_another_cluster_is_refused(own_kafka: Stack) -> N
     broker = own_kafka.server("kafka")
     broker.down()
     broker.files.cluster_id_file.write_text("AAAAAAAAAAAAAAAAAAAAAA\n")
-    with pytest.raises(StackError, match="belongs to Kafka cluster .* not this stack's"):
+    with pytest.raises(StackError, match=r"belongs to Kafka cluster .* not this stack's"):
         broker.up()
     assert broker.proc.pid is None
 
@@ -112,7 +112,7 @@ def test_port_in_use_is_refused(tmp_path: Path) -> None:
 
 
 async def test_missing_topic_is_one_clear_error(settings: Settings) -> None:
-    with pytest.raises(MissingTopics, match="has no topic cityops.nope"):
+    with pytest.raises(MissingTopics, match=r"has no topic cityops\.nope"):
         await require_topics(settings, [settings.topics.events, "cityops.nope"])
 
 
@@ -134,8 +134,8 @@ def test_failed_fetch_is_one_clear_error(tmp_path: Path) -> None:
     pom = tmp_path / "pom.xml"
     pom.write_text(POM.read_text().replace(f"<kafka.version>{kafka_version()}<",
                                            "<kafka.version>0.0.0-no-such-release<"))
-    with pytest.raises(StackError, match="fetching Apache Kafka 0.0.0-no-such-release from "
-                                         "Maven Central failed"):
+    with pytest.raises(StackError, match=r"fetching Apache Kafka 0\.0\.0-no-such-release "
+                                         r"from Maven Central failed"):
         BrokerJars(tmp_path / "cache", pom).fetch()
     assert not any((tmp_path / "cache" / "kafka").glob("0.0.0*"))  # nothing half-fetched
 

@@ -23,6 +23,7 @@ the loss of any one machine (``deploy/SCALING.md``).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import fcntl
 import hashlib
@@ -33,6 +34,7 @@ import time
 import uuid
 from pathlib import Path
 
+from cityops.kafka import missing_topics
 from cityops.settings import PROJECT_ROOT, Settings
 from cityops.stack.process import StackError, require
 
@@ -235,6 +237,14 @@ async def create_topics(settings: Settings) -> None:
                 if code not in (0, 36):
                     raise StackError(f"kafka: creating topic {name} failed with error code "
                                      f"{code} ({err[2] if len(err) > 2 else ''})")
+        # A created topic reaches the broker's metadata cache a moment after the answer:
+        # wait for it, so a service started right after finds its topics.
+        deadline = time.monotonic() + 30
+        while await missing_topics(settings, [nt.name for nt in wanted]):
+            if time.monotonic() > deadline:
+                raise StackError("kafka: created topics did not appear in the metadata "
+                                 "within 30 s; see the broker's log")
+            await asyncio.sleep(0.1)
         old = [nt.name for nt in wanted if nt.name in existing]
         if old:
             for resp in await admin.alter_configs(
