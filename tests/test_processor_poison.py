@@ -10,22 +10,31 @@ bytes it carries (a NUL byte once stopped storage for the whole city).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from cityops.settings import Settings
 from cityops.stack.servers import create_topics
-from ingest.contract import DeadLetter, encode_deadletter
+from ingest.contract import DeadLetter, encode_deadletter, encode_event
+from processors import queries
 from processors.service import Processor
 from processors.storage import Storage
-from processors.testing import make_stream
-from tests.test_processors import count_rows, private, produce
+from processors.testing import make_stream, reference_rollups
+from tests.test_processors import (
+    assert_rollups_equal,
+    count_rows,
+    db_rollups,
+    private,
+    produce,
+)
 
 NUL_PAYLOAD = '{"sensor": "a\x00b", "v": 1}'
 
@@ -128,6 +137,105 @@ async def test_nul_byte_dead_letter_is_stored_losslessly_and_the_stream_goes_on(
         assert row["detail"] == f"{tag}: NUL\\x00in detail"  # escaped, still readable
         assert row["sensor_id"] == f"{tag}-\\x00"
         assert await count_rows(conn, tag) == len(expected)
+        # The shared query still answers text: base64 when the bytes hold a NUL.
+        shown = [r for r in await queries.deadletters(conn, "bad_json", 10_000)
+                 if r["mqtt_topic"].endswith(f"/{tag}")]
+        assert [(r["payload_encoding"], base64.b64decode(r["payload"])) for r in shown] == [
+            ("base64", NUL_PAYLOAD.encode())]
+        assert bytes(shown[0]["payload_bytes"]) == NUL_PAYLOAD.encode()
+        assert await conn.fetchval("select count(*) from parked where consumer_group = $1",
+                                   s.process_group) == 0
     finally:
+        await conn.close()
+        await storage.close()
+
+
+async def test_poison_records_are_parked_and_every_good_record_is_stored(
+        settings: Settings) -> None:
+    """Records the database refuses for different reasons, amid good traffic."""
+    from prometheus_client import REGISTRY
+
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    s = private(settings, tag)
+    await create_topics(s)
+    now_ms = int(time.time() * 1000)
+    stream = make_stream(tag, now_ms - 60_000, sensors=6, hours=0.3, seed=23)
+    expected = stream.reading_rows()
+    model = stream.all[0]
+    poison = {
+        # An int4 column gets 2**40: the client refuses to encode it (OverflowError).
+        "OverflowError": (s.topics.events, encode_event(msgspec.structs.replace(
+            model, event_id=uuid.uuid4().hex, event_time=now_ms - 7, quality=2 ** 40))),
+        # A NUL inside a text column of a reading: the server refuses it.
+        "CharacterNotInRepertoireError": (s.topics.events, encode_event(msgspec.structs.replace(
+            model, event_id=uuid.uuid4().hex, sensor_id=f"{tag}-s\x00x", event_time=now_ms - 9))),
+        # A dead letter received in the year 3 million: no timestamptz for it.
+        "dead letter": (s.topics.deadletter, encode_deadletter(DeadLetter(
+            reason="bad_json", detail=f"{tag} far future", mqtt_topic=f"city/{tag}",
+            payload="x", received_at=10 ** 17))),
+    }
+
+    def parked_total(topic: str) -> float:
+        return REGISTRY.get_sample_value("cityops_process_parked_total",
+                                         {"topic": topic}) or 0.0
+
+    before = {t: parked_total(t) for t in (s.topics.events, s.topics.deadletter)}
+    storage = await Storage.connect(s.pg_dsn, "postgres")
+    conn = await asyncpg.connect(s.pg_dsn)
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        async with running(s, storage) as (processor, task):
+            half = len(stream.all) // 2
+            await produce(s, stream.all[:half])
+            sent = {}
+            for name, (topic, value) in poison.items():
+                sent[name] = (value, await (await producer.send(topic, value)))
+            await produce(s, stream.all[half:])
+
+            async def all_stored() -> bool:
+                return await count_rows(conn, tag) == len(expected)
+
+            await until(task, all_stored, 60, "every good reading stored")
+
+            async def all_parked() -> bool:
+                return await conn.fetchval("select count(*) from parked where "
+                                           "consumer_group = $1", s.process_group) == 3
+
+            await until(task, all_parked, 30, "the three poison records parked")
+
+            async def committed() -> bool:
+                return await committed_past_end(s, [s.topics.events, s.topics.deadletter])
+
+            await until(task, committed, 30, "offsets committed past the poison")
+
+            async def repaired() -> bool:
+                return await conn.fetchval("select count(*) from rollup_repair") == 0
+
+            await until(task, repaired, 30, "p95 repairs done")
+            assert processor.healthy and not task.done()
+
+        # Every good reading exactly once; the rollups count nothing twice or lost (the
+        # isolating savepoints start from empty staging tables).
+        rows = await conn.fetch("select event_id, metric, count(*) from readings "
+                                "where sensor_id like $1 group by 1, 2", f"{tag}-%")
+        assert {(r[0], r[1]) for r in rows} == expected and all(r[2] == 1 for r in rows)
+        assert_rollups_equal(await db_rollups(conn, tag), reference_rollups(stream.all))
+        # Each poison record parked once: raw Kafka bytes, where it was, why.
+        parked = {(r["topic"], r["kafka_partition"], r["kafka_offset"]): r for r in
+                  await conn.fetch("select * from parked where consumer_group = $1",
+                                   s.process_group)}
+        for name, (value, meta) in sent.items():
+            row = parked[(meta.topic, meta.partition, meta.offset)]
+            assert bytes(row["payload"]) == value
+            assert row["service"] == "processor" and row["error"]
+            want = "OverflowError" if name == "dead letter" else name
+            assert row["error_class"] == want, (name, row["error"])
+        assert parked_total(s.topics.events) - before[s.topics.events] == 2
+        assert parked_total(s.topics.deadletter) - before[s.topics.deadletter] == 1
+        assert not await conn.fetchval("select count(*) from deadletters where detail = $1",
+                                       f"{tag} far future")
+    finally:
+        await producer.stop()
         await conn.close()
         await storage.close()
