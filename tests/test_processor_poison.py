@@ -239,3 +239,46 @@ async def test_poison_records_are_parked_and_every_good_record_is_stored(
         await producer.stop()
         await conn.close()
         await storage.close()
+
+
+async def test_migration_turns_stored_text_payloads_into_their_bytes(settings: Settings) -> None:
+    """Rows stored before migration 0007 keep their payload: utf-8 text as its UTF-8 bytes,
+    base64 as the bytes it encoded, a malformed base64 as the text it was."""
+    from processors.schema import migrate, migration_files
+
+    admin = await asyncpg.connect(settings.pg_dsn)
+    db = f"mig0007_{uuid.uuid4().hex[:8]}"
+    await admin.execute(f"create database {db}")
+    dsn = settings.pg_dsn.rsplit("/", 1)[0] + f"/{db}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        for version, _, path in migration_files("postgres"):
+            if version < 7:
+                await conn.execute(path.read_text().replace("{{retention_days}}", "30"))
+        await conn.execute("create table schema_migrations (version int not null, name text "
+                           "not null, mode text not null, applied_at timestamptz not null "
+                           "default now(), primary key (version, name))")
+        await conn.executemany("insert into schema_migrations (version, name, mode) "
+                               "values ($1, $2, 'postgres')",
+                               [(v, n) for v, n, _ in migration_files("postgres") if v < 7])
+        old = [("héllo {", "utf-8"), (base64.b64encode(b"\xff\x00raw").decode(), "base64"),
+               ("not base64!", "base64")]
+        await conn.executemany(
+            "insert into deadletters (received_at, reason, detail, mqtt_topic, payload, "
+            "payload_encoding, kafka_partition, kafka_offset) "
+            "values (now(), 'bad_json', '', '', $1, $2, 0, $3)",
+            [(p, e, i) for i, (p, e) in enumerate(old)])
+        assert await migrate(dsn, "postgres") == "postgres"
+        got = [bytes(r[0]) for r in await conn.fetch(
+            "select payload from deadletters order by kafka_offset")]
+        assert got == ["héllo {".encode(), b"\xff\x00raw", b"not base64!"]
+        shown = [tuple(r) for r in await conn.fetch(
+            "select p.payload, p.payload_encoding from deadletters d, "
+            "lateral deadletter_payload(d.payload) p order by d.kafka_offset")]
+        assert shown == [("héllo {", "utf-8"),
+                         (base64.b64encode(b"\xff\x00raw").decode(), "base64"),
+                         ("not base64!", "utf-8")]
+    finally:
+        await conn.close()
+        await admin.execute(f"drop database {db}")
+        await admin.close()
