@@ -8,6 +8,10 @@ EVENTS = Counter("cityops_alerts_events_total", "Events read by the alerts servi
 DEADLETTERS = Counter("cityops_alerts_deadletters_total",
                       "Messages the alerts service could not decode (sent to dead letter)",
                       ["reason"])
+PARKED = Counter("cityops_alerts_parked_total",
+                 "Records parked because rule evaluation raised on them (stage evaluate), or "
+                 "signals the alert store refused for a non-transient reason (stage store): "
+                 "skipped, not retried forever", ["stage"])
 RULES_EVALUATED = Counter("cityops_alert_rules_evaluated_total",
                           "Rule evaluations (one per rule per batch or tick)", ["type"])
 RULE_RELOADS = Counter("cityops_alert_rule_reloads_total", "Rules file reloads", ["result"])

@@ -17,12 +17,20 @@ consumer seeks to the offsets stored there. Alert writes are idempotent (one act
 alert per key), so the events replayed after a crash only re-confirm what is there.
 
 Database outages are ridden out in-process, like the processor does: every database
-step of the loop goes through ``_db``, which on a lost connection (the processor's
-``CONNECTION_LOST`` classification, plus connect time-outs) waits with capped, jittered
-back-off and runs the SAME step again: the same signals are applied, nothing is
+step of the loop goes through ``_db``, which on a lost database (``Fault.AWAY`` of
+``processors.faults``, the one classification both services share) waits with capped,
+jittered back-off and runs the SAME step again: the same signals are applied, nothing is
 re-evaluated. Meanwhile the loop does not poll Kafka (the backlog waits there, so memory
 stays flat), /healthz says unhealthy, and no checkpoint is taken while a batch is
 evaluated but not yet applied, so state and offsets never get ahead of the alerts.
+
+Poison records never crash-loop the service: a batch whose rule evaluation raises is
+evaluated again one record at a time, and each record that still raises is parked (raw
+Kafka bytes, topic/partition/offset, error; ``parked`` table, stage ``evaluate``) and
+skipped; a batch of signals the alert store refuses for a reason other than a lost
+database (after bounded retries on contention) is applied one signal at a time, and a
+signal still refused is skipped with its error logged and counted (stage ``store``; a
+signal is not a Kafka record, so there are no raw bytes to park for it).
 
 The alerts producer is idempotent, so a producer id can become unusable for good: after a
 broker loses records it had acknowledged (Apache Kafka after an unclean leader election,
@@ -42,15 +50,15 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from alerts.engine import Engine
-from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS
-from alerts.model import AlertChange, encode_change
+from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED
+from alerts.model import AlertChange, Signal, encode_change
 from alerts.rollups import decode_rollup, decode_rollups
 from alerts.ruleset import RulesFile
 from alerts.store import AlertStore, create_pool
@@ -61,8 +69,9 @@ from cityops.settings import Settings
 from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import DeadLetter, Event, decode_event, decode_events, encode_deadletter
 from ingest.kafka import PRODUCER_FATAL
+from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify
 from processors.rollup import Rollup
-from processors.storage import CONNECTION_LOST
+from processors.storage import Source, park
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,8 +79,8 @@ T = TypeVar("T")
 # every producer, which a process restart (the runtime's job) is no better at.
 PRODUCER_RENEWALS = 3
 
-# The database is away (restart, failover, network): the connection is gone, not the work
-# (the processor's classification, processors/storage.py).
+# The database is away (restart, failover, network): the connection is gone, not the work.
+# Kept for the modules and tests that import it; the decision is ``processors.faults``.
 DB_AWAY = CONNECTION_LOST
 
 
@@ -169,10 +178,18 @@ class AlertService:
         if ``stop`` is set meanwhile. Every step is one transaction (or a read), and the
         alert writes are idempotent, so a step whose commit was lost in flight is harmless
         to repeat."""
+        contention, contention_backoff = 0, Backoff(0.05, 1.0)
         while True:
             try:
                 result = await op()
-            except DB_AWAY as exc:
+            except Exception as exc:
+                fault = classify(exc)
+                if fault is Fault.CONTENTION and contention < MAX_RETRIES - 1:
+                    contention += 1
+                    await asyncio.sleep(contention_backoff.next())
+                    continue
+                if fault is not Fault.AWAY:
+                    raise
                 if self.db_ok:
                     self.db_ok = False
                     self.db_outages += 1
@@ -269,9 +286,7 @@ class AlertService:
                 BATCH_SIZE.observe(len(events))
             if rollups:
                 EVENTS.labels("aggregates").inc(len(rollups))
-            signals = self.engine.evaluate(events)
-            if rollups:
-                signals += self.engine.evaluate_rollups(rollups)
+            signals = await self._evaluate(events, rollups, data)
             now = time.time()
             ticked = now - last_tick >= self.tick_s
             if ticked:
@@ -280,11 +295,11 @@ class AlertService:
                 await self._reload_rules()
                 signals += self.engine.tick(int(now * 1000))
             # From here on every database step is retried as is until it succeeds (_db).
-            changes = await db(partial(store.apply, signals))
+            changes = await self._apply(signals)
             if self.engine.has_correlations() and (changes or ticked):
                 active = await db(partial(store.active, self.engine.correlated_rules()))
                 corr = self.engine.correlate(active, int(now * 1000))
-                changes += await db(partial(store.apply, corr))
+                changes += await self._apply(corr)
             if ticked:
                 changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
                                             self._escalation_overrides()))
@@ -295,6 +310,103 @@ class AlertService:
             await self.publish(changes)
             self._clean = True
             await self.checkpoint()
+
+    async def _evaluate(self, events: list[Event], rollups: list[Rollup],
+                        data: dict[TopicPartition, list[Any]]) -> list[Signal]:
+        """The rules over a poll's events and rollups; a record that makes them raise is
+        parked and skipped instead of ending the service (and, restarted, meeting the same
+        record again from the checkpoint).
+
+        Only when the vectorized call raised are the records evaluated again one by one.
+        Rules that ran before the failing one in that call have seen the batch once
+        already; count rules drop an event they have seen (by event id), others may weigh
+        that batch twice: a rare, bounded cost against a service stopped for the city.
+        """
+        assert self.engine
+        engine, topics = self.engine, self.settings.topics
+        try:
+            signals = engine.evaluate(events)
+        except Exception as exc:
+            signals = await self._isolate_evaluation(data, topics.events, exc, decode_event,
+                                                     engine.evaluate)
+        if rollups:
+            try:
+                signals += engine.evaluate_rollups(rollups)
+            except Exception as exc:
+                signals += await self._isolate_evaluation(
+                    data, topics.aggregates, exc, decode_rollup, engine.evaluate_rollups)
+        return signals
+
+    async def _isolate_evaluation(self, data: dict[TopicPartition, list[Any]], topic: str,
+                                  cause: BaseException, one: Callable[[bytes], Any],
+                                  evaluate: Callable[[list[Any]], list[Signal]]
+                                  ) -> list[Signal]:
+        log.warning("rule evaluation failed (%s: %s); evaluating the batch one record at a "
+                    "time", type(cause).__name__, str(cause)[:300])
+        signals: list[Signal] = []
+        refused: list[tuple[Source, BaseException, int]] = []
+        for tp, msgs in data.items():
+            if tp.topic != topic:
+                continue
+            for m in msgs:
+                try:
+                    item = one(m.value)
+                except (msgspec.ValidationError, msgspec.DecodeError, TypeError):
+                    continue  # dead-lettered when the poll was decoded
+                try:
+                    signals += evaluate([item])
+                except Exception as exc:
+                    refused.append((Source(tp.topic, m.partition, m.offset, m.key, m.value,
+                                           m.timestamp), exc, 1))
+        if refused:
+            assert self.store
+            pool = self.store.pool
+
+            async def write() -> int:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await park(conn, "alerts", self.group, refused)
+
+            await self._db(write)
+            PARKED.labels("evaluate").inc(len(refused))
+            for src, exc, _ in refused:
+                log.error("record parked: rule evaluation raised %s: %s", type(exc).__name__,
+                          str(exc)[:500], extra={"fields": {
+                              "topic": src.topic, "partition": src.partition,
+                              "offset": src.offset}})
+        return signals
+
+    async def _apply(self, signals: list[Signal]) -> list[AlertChange]:
+        """Signals into alerts in one transaction; if the store refuses them for a reason
+        other than a lost database, one signal at a time, skipping (logged, counted) each
+        one it still refuses, so one bad signal never holds back the others."""
+        assert self.store
+        store = self.store
+        try:
+            return await self._db(partial(store.apply, signals))
+        except _Stopped:
+            raise
+        except Exception as exc:
+            if len(signals) <= 1:
+                if signals:
+                    self._skip_signal(signals[0], exc)
+                return []
+            log.warning("alert store refused a batch (%s: %s); applying its signals one by "
+                        "one", type(exc).__name__, str(exc)[:300])
+        changes: list[AlertChange] = []
+        for signal in signals:
+            try:
+                changes += await self._db(partial(store.apply, [signal]))
+            except _Stopped:
+                raise
+            except Exception as exc:
+                self._skip_signal(signal, exc)
+        return changes
+
+    def _skip_signal(self, signal: Signal, exc: BaseException) -> None:
+        PARKED.labels("store").inc()
+        log.error("signal skipped: the alert store raised %s: %s", type(exc).__name__,
+                  str(exc)[:500], extra={"fields": {
+                      "rule": signal.rule_id, "source": signal.source, "kind": signal.kind}})
 
     def _escalation_overrides(self) -> dict[str, float]:
         assert self.engine
@@ -429,7 +541,7 @@ class AlertService:
         try:
             await self.store.checkpoint(self.group, rows, offsets, blobs)
         except Exception as exc:
-            if isinstance(exc, DB_AWAY):
+            if classify(exc) is Fault.AWAY:
                 log.warning("checkpoint not written, database away (%s); everything goes "
                             "into the next one", type(exc).__name__)
             else:

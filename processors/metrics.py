@@ -37,5 +37,9 @@ P95_REPAIRS = Counter("cityops_process_p95_repairs_total",
                       "Rollup buckets recomputed exactly from raw readings (plain mode)")
 CAGG_REFRESHES = Counter("cityops_process_cagg_refreshes_total",
                          "Explicit continuous-aggregate refreshes after late data (timescale)")
+PARKED = Counter("cityops_process_parked_total",
+                 "Kafka records the database refused for a reason of their own (a data error, "
+                 "after bounded retries): parked with their raw bytes, offset committed",
+                 ["topic"])
 WRITE_RETRIES = Counter("cityops_process_write_retries_total",
                         "Batches retried after a transient database error")

@@ -74,11 +74,15 @@ select time, event_id, sensor_id, incident, district, domain, type, landmark, la
  order by time, event_id
 """
 
+# ``payload`` is raw bytes (bytea) in the table; readers get it as before, utf-8 text when
+# it is valid UTF-8 without NUL, else base64 (``payload_encoding`` says which), plus the
+# exact bytes as ``payload_bytes``.
 DEADLETTERS = """
-select received_at, reason, detail, mqtt_topic, sensor_id, payload, payload_encoding, service
-  from deadletters
- where ($1::text is null or reason = $1)
- order by received_at desc, id desc
+select d.received_at, d.reason, d.detail, d.mqtt_topic, d.sensor_id, p.payload,
+       p.payload_encoding, d.service, d.payload as payload_bytes
+  from deadletters d, lateral deadletter_payload(d.payload) p
+ where ($1::text is null or d.reason = $1)
+ order by d.received_at desc, d.id desc
  limit $2
 """
 

@@ -49,10 +49,11 @@ from ingest.contract import (
 )
 from processors import metrics
 from processors.batch import METRIC_BITS, Vocabularies, columns
+from processors.faults import is_away
 from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS, Groups, Rollup, encode_rollup
 from processors.schema import migrate
-from processors.storage import CONNECTION_LOST, Storage, StoredDeadLetter, WriteResult
+from processors.storage import Item, Source, Storage, StoredDeadLetter, WriteResult
 
 log = logging.getLogger(__name__)
 _PARTITIONER = DefaultPartitioner()
@@ -110,9 +111,13 @@ class Processor:
                         await self.handle(records)
                     await self.housekeeping(idle=not records)
                     break
-                except CONNECTION_LOST as exc:
+                except Exception as exc:
                     # Offsets are committed only after the database commit, so the same
-                    # records are simply written again once the database is back.
+                    # records are simply written again once the database is back. What
+                    # counts as "away" is decided in processors/faults.py, nowhere else;
+                    # a record's own fault never gets here (handle parks it).
+                    if not is_away(exc):
+                        raise
                     self.healthy = False
                     if not await self.storage.reconnect(stop, exc):
                         return
@@ -154,7 +159,15 @@ class Processor:
         metrics.BATCH_SIZE.observe(len(event_values) + len(letters))
         events, bad = decode_all(event_values)
         batch = columns(events, self.storage.vocab, self.storage.known_sensors)
-        result = await self.storage.write(batch, letters)
+        try:
+            result = await self.storage.write(batch, letters)
+        except Exception as exc:
+            if is_away(exc):
+                raise
+            # A record the database refuses (or contention that outlived its retries):
+            # store the rest, park the refused ones, and go on. See Storage.isolate.
+            result = await self.storage.isolate(self._items(records), exc,
+                                                group=self.settings.process_group)
         pending = []
         for raw, reason in bad:
             metrics.BAD_EVENTS.inc()
@@ -168,6 +181,25 @@ class Processor:
         self._record(result, records)
         await self.update_lag()
         return result
+
+    def _items(self, records: Records) -> list[Item]:
+        """The batch's records one by one, each with what it is stored as, for isolating
+        poison. Events that do not decode are left out: they are dead-lettered anyway."""
+        items: list[Item] = []
+        for tp, recs in records.items():
+            for r in recs:
+                src = Source(tp.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                if tp.topic == self.settings.topics.deadletter:
+                    items.append(Item(src, StoredDeadLetter(r.partition, r.offset,
+                                                            _as_deadletter(r.value))))
+                    continue
+                if r.value is None:
+                    continue
+                try:
+                    items.append(Item(src, decode_event(r.value)))
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    continue
+        return items
 
     async def update_lag(self) -> None:
         """Messages behind the high watermark on every events partition we own."""
@@ -232,6 +264,8 @@ class Processor:
         metrics.ROWS_WRITTEN.labels("incidents").inc(result.incidents)
         metrics.ROWS_WRITTEN.labels("deadletters").inc(result.deadletters)
         metrics.DUPLICATES.inc(result.duplicates)
+        for source, _ in result.parked:
+            metrics.PARKED.labels(source.topic).inc()
         metrics.WRITE_SECONDS.observe(result.write_s)
         metrics.AGGREGATION_SECONDS.observe(result.aggregation_s)
         self.stored_events += result.readings
@@ -353,7 +387,9 @@ async def _open_storage(settings: Settings, stop: asyncio.Event,
             mode = await migrate(settings.pg_dsn, settings.storage_mode,
                                  retention_days=settings.retention_days)
             return await Storage.connect(settings.pg_dsn, mode)
-        except CONNECTION_LOST as exc:
+        except Exception as exc:
+            if not is_away(exc):  # a failed migration, say: not worth waiting for
+                raise
             delay = backoff.next()
             log.warning("database not reachable yet (%s: %s); next try in %.1fs",
                         type(exc).__name__, exc, delay)

@@ -30,6 +30,8 @@ until its next policy run, and the test build has no scheduler at all).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import time
@@ -43,7 +45,7 @@ import numpy as np
 
 from cityops.registry import Fleet
 from ingest.backoff import Backoff, sleep_unless
-from ingest.contract import DeadLetter
+from ingest.contract import DeadLetter, Event
 from processors import metrics
 from processors.batch import (
     INCIDENT_COLUMNS,
@@ -52,25 +54,18 @@ from processors.batch import (
     STAGE_COLUMNS,
     Batch,
     Vocabularies,
+    columns,
     event_time,
 )
+from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify, describe, safe_text
 from processors.rollup import ROLLUPS, WINDOWS_MS, Groups, aggregate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-MAX_RETRIES = 5
-# The database went away (restart, failover, network): the connection is gone, not the
-# batch. The processor reconnects with back-off and writes the same batch again; Kafka
-# keeps the backlog meanwhile, so waiting costs no memory here. OSError includes
-# TimeoutError (a connect to an unreachable host).
-# InternalClientError: a connection whose server went away mid-operation can fail with
-# "cannot switch to state ...; another operation is in progress" (seen in the fault
-# matrix's PostgreSQL restart); the step is repeated on a fresh connection.
-CONNECTION_LOST = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                   asyncpg.exceptions.OperatorInterventionError, asyncpg.InternalClientError)
-
+# Which failures are worth waiting for, retrying a little, or isolating: processors/faults.py
+# (one classification for the processor and the alerts service). CONNECTION_LOST is
+# re-exported here for the modules that import it from storage.
 _RCOLS = ", ".join(READING_COLUMNS)
 _ICOLS = ", ".join(INCIDENT_COLUMNS)
 _LATEST_COLS = ("sensor_id, metric, time, value, district, domain, type, landmark, "
@@ -94,6 +89,13 @@ create temp table if not exists stage_incidents
     (like incidents excluding constraints excluding indexes) on commit delete rows;
 """
 
+# Savepoints of one transaction share the staging tables (emptied only at commit): each
+# piece written while isolating poison starts from empty ones, or it would merge another
+# piece's rollup partials and latest rows a second time.
+_CLEAR_STAGE = ("delete from stage_readings; delete from stage_latest; "
+                "delete from stage_sensor_rollup; delete from stage_district_rollup; "
+                "delete from stage_incidents")
+
 _INSERT_READINGS = (f"insert into readings ({_RCOLS}) select {_RCOLS} from stage_readings "
                     "on conflict do nothing")
 _INSERT_READINGS_RETURNING = _INSERT_READINGS + " returning event_id, metric"
@@ -112,7 +114,7 @@ _INSERT_DEADLETTERS = """
 insert into deadletters (received_at, reason, detail, mqtt_topic, sensor_id, payload,
                          payload_encoding, service, kafka_partition, kafka_offset)
 select * from unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[])
+                     $6::bytea[], $7::text[], $8::text[], $9::int4[], $10::int8[])
 on conflict (kafka_partition, kafka_offset) do nothing
 """
 _UPSERT_SENSOR = """
@@ -198,11 +200,33 @@ class StoredDeadLetter:
 
 
 @dataclass(slots=True)
+class Source:
+    """A Kafka record exactly as read, with where it was: what is parked when the database
+    refuses what it became (the raw bytes, not our decoding of them)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int | None = None
+
+
+@dataclass(slots=True)
+class Item:
+    """One Kafka record and what it is to be stored as (an event or a dead letter)."""
+
+    source: Source
+    thing: Event | StoredDeadLetter
+
+
+@dataclass(slots=True)
 class WriteResult:
     readings: int = 0
     incidents: int = 0
     duplicates: int = 0
     deadletters: int = 0
+    parked: list[tuple[Source, str]] = field(default_factory=list)  # (record, error class)
     rollups: dict[str, Groups] = field(default_factory=dict)
     aggregation_s: float = 0.0
     write_s: float = 0.0
@@ -227,6 +251,83 @@ class _Laps:
 
 def _dt(ms: int) -> datetime:
     return event_time(ms)
+
+
+#: Bounds for the dead letters' text columns (characters): one hostile field must not
+#: bloat a row, nor an index entry past PostgreSQL's limit (``reason`` is indexed).
+_TEXT_LIMITS = {"reason": 100, "detail": 2000, "mqtt_topic": 1000, "sensor_id": 200,
+                "payload_encoding": 20, "service": 50}
+
+
+def deadletter_bytes(letter: DeadLetter) -> bytes:
+    """The payload's original bytes: base64 decoded, text as its UTF-8 bytes.
+
+    A payload that claims base64 but is not valid base64 is kept as the bytes of the text
+    it is: nothing a sender put in a dead letter is lost or makes the write fail.
+    """
+    if letter.payload_encoding == "base64":
+        try:
+            return base64.b64decode(letter.payload, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return letter.payload.encode("utf-8", "surrogatepass")
+
+
+def deadletter_row(d: StoredDeadLetter) -> tuple[Any, ...]:
+    """One ``deadletters`` row: raw payload bytes (bytea), text fields made storable."""
+    dl, lim = d.letter, _TEXT_LIMITS
+    return (_dt(dl.received_at), safe_text(dl.reason, lim["reason"]),
+            safe_text(dl.detail, lim["detail"]), safe_text(dl.mqtt_topic, lim["mqtt_topic"]),
+            safe_text(dl.sensor_id, lim["sensor_id"]), deadletter_bytes(dl),
+            safe_text(dl.payload_encoding, lim["payload_encoding"]),
+            safe_text(dl.service, lim["service"]), d.partition, d.offset)
+
+
+def _concat(a: Groups, b: Groups) -> Groups:
+    """Two batches' partials of one rollup side by side (partials of a key merge later)."""
+    if not len(a):
+        return b
+    if not len(b):
+        return a
+    return Groups(a.window_ms, *(np.concatenate((getattr(a, f), getattr(b, f)))
+                                 for f in ("key", "bucket_ms", "n", "sum", "min", "max", "p95")))
+
+
+def _add(total: WriteResult, part: WriteResult) -> None:
+    total.readings += part.readings
+    total.incidents += part.incidents
+    total.duplicates += part.duplicates
+    total.deadletters += part.deadletters
+    total.aggregation_s += part.aggregation_s
+    for name, groups in part.rollups.items():
+        total.rollups[name] = _concat(total.rollups[name], groups) if name in total.rollups \
+            else groups
+
+
+_INSERT_PARKED = """
+insert into parked (service, consumer_group, topic, kafka_partition, kafka_offset,
+                    kafka_timestamp, kafka_key, payload, error_class, error, attempts)
+select * from unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[],
+                     $6::timestamptz[], $7::bytea[], $8::bytea[], $9::text[], $10::text[],
+                     $11::int4[])
+on conflict (consumer_group, topic, kafka_partition, kafka_offset) do nothing
+"""
+
+
+async def park(conn: asyncpg.Connection, service: str, group: str,
+               records: Sequence[tuple[Source, BaseException, int]]) -> int:
+    """Insert parked records (raw bytes, where they were, the error, attempts made) on
+    ``conn``, inside the caller's transaction; returns how many were new."""
+    if not records:
+        return 0
+    rows = []
+    for src, exc, attempts in records:
+        error_class, error = describe(exc)
+        rows.append((service, group, safe_text(src.topic, 500), src.partition, src.offset,
+                     None if src.timestamp_ms is None else _dt(src.timestamp_ms), src.key,
+                     src.value, error_class, error, attempts))
+    status = await conn.execute(_INSERT_PARKED, *(list(c) for c in zip(*rows, strict=True)))
+    return int(status.rsplit(" ", 1)[1])
 
 
 class Storage:
@@ -299,23 +400,112 @@ class Storage:
     # --- the hot path -----------------------------------------------------------------
     async def write(self, batch: Batch, deadletters: Sequence[StoredDeadLetter] = ()
                     ) -> WriteResult:
-        """Store one batch in one transaction; retried on deadlock/serialization failure."""
+        """Store one batch in one transaction.
+
+        Contention (deadlock, serialization failure) is retried ``MAX_RETRIES`` times with
+        back-off; after that, and on any other failure, the last exception is raised for
+        the caller to classify (``processors.faults``): a lost database is waited for, a
+        refused record is found and parked by ``isolate``.
+        """
         await self._setup()
+        backoff = Backoff(0.05, 1.0)
         for attempt in range(MAX_RETRIES):
             try:
                 result = await self._write_once(batch, deadletters)
                 break
-            except TRANSIENT as exc:
+            except Exception as exc:
+                if classify(exc) is not Fault.CONTENTION or attempt == MAX_RETRIES - 1:
+                    raise
                 metrics.WRITE_RETRIES.inc()
                 log.warning("batch write retried after %s", type(exc).__name__,
                             extra={"fields": {"attempt": attempt + 1}})
-                await asyncio.sleep(0.05 * (attempt + 1))
-        else:
-            raise RuntimeError(f"batch write failed {MAX_RETRIES} times on transient errors")
-        self.known_sensors.update(e.sensor_id for e in batch.new_sensors)
+                await asyncio.sleep(backoff.next())
+        await self._after_commit(result, batch.new_sensors)
+        return result
+
+    async def _after_commit(self, result: WriteResult, new_sensors: Sequence[Event]) -> None:
+        self.known_sensors.update(e.sensor_id for e in new_sensors)
         if self.mode == "timescale" and result.readings:
             result.refreshed = await self.refresh_late(result)
-        return result
+
+    # --- poison records ---------------------------------------------------------------
+    async def isolate(self, items: Sequence[Item], cause: BaseException, *, group: str,
+                      service: str = "processor") -> WriteResult:
+        """Store a batch whose write failed for a reason other than a lost database:
+        everything that can be stored is, and each record that cannot is parked.
+
+        One outer transaction; inside it the batch is bisected with savepoints: a piece
+        that stores is kept, a piece that fails (after bounded retries on contention) is
+        split in two, and a single record that still fails is parked with its raw Kafka
+        bytes and the error, in the same transaction. k bad records among n cost about
+        2·k·log2(n) savepoints, and only on this path: the hot path is untouched. A lost
+        database anywhere in here rolls everything back and is raised as usual (the batch
+        is written again once the database is back, nothing parked for it).
+        """
+        await self._setup()
+        if not items:
+            return WriteResult()
+        log.warning("batch write failed (%s: %s); isolating the records the database "
+                    "refuses", type(cause).__name__, str(cause)[:300],
+                    extra={"fields": {"records": len(items)}})
+        t0 = time.perf_counter()
+        total = WriteResult()
+        refused: list[tuple[Item, BaseException, int]] = []
+        new_sensors: list[Event] = []
+        async with self.conn.transaction():
+            if len(items) == 1:  # the batch was this record: already retried by write()
+                refused.append((items[0], cause, MAX_RETRIES))
+            else:
+                mid = len(items) // 2
+                pending = [items[mid:], items[:mid]]
+                while pending:
+                    piece = pending.pop()
+                    part, error, attempts = await self._try_piece(piece)
+                    if part is not None:
+                        _add(total, part[0])
+                        new_sensors.extend(part[1])
+                    elif len(piece) == 1:
+                        assert error is not None
+                        refused.append((piece[0], error, attempts))
+                    else:
+                        mid = len(piece) // 2
+                        pending += [piece[mid:], piece[:mid]]
+            await park(self.conn, service, group, [(it.source, exc, n) for it, exc, n in refused])
+        total.parked = [(it.source, type(exc).__name__) for it, exc, _ in refused]
+        total.write_s = time.perf_counter() - t0
+        for it, exc, _ in refused:
+            log.error("record parked: %s", str(exc)[:500], extra={"fields": {
+                "topic": it.source.topic, "partition": it.source.partition,
+                "offset": it.source.offset, "error_class": type(exc).__name__}})
+        await self._after_commit(total, new_sensors)
+        return total
+
+    async def _try_piece(self, piece: Sequence[Item]
+                         ) -> tuple[tuple[WriteResult, list[Event]] | None,
+                                    BaseException | None, int]:
+        """Write some records in a savepoint: ((result, new sensors), None, attempts) when
+        stored, (None, error, attempts) when refused. A lost database is raised."""
+        error: BaseException | None = None
+        backoff = Backoff(0.05, 1.0)
+        for attempt in range(1, MAX_RETRIES + 1):
+            try:
+                async with self.conn.transaction():  # a savepoint inside isolate()'s
+                    await self.conn.execute(_CLEAR_STAGE)
+                    events = [it.thing for it in piece if isinstance(it.thing, Event)]
+                    letters = [it.thing for it in piece if isinstance(it.thing, StoredDeadLetter)]
+                    batch = columns(events, self.vocab, self.known_sensors)
+                    return (await self._write_once(batch, letters), batch.new_sensors), None, \
+                        attempt
+            except Exception as exc:
+                fault = classify(exc)
+                if fault is Fault.AWAY:
+                    raise
+                error = exc
+                if fault is Fault.POISON:
+                    return None, exc, attempt
+                metrics.WRITE_RETRIES.inc()
+                await asyncio.sleep(backoff.next())
+        return None, error, MAX_RETRIES
 
     async def _write_once(self, batch: Batch, deadletters: Sequence[StoredDeadLetter]
                           ) -> WriteResult:
@@ -371,10 +561,7 @@ class Storage:
                 result.incidents = int(status.rsplit(" ", 1)[1])
                 result.duplicates += len(batch.incidents) - result.incidents
             if deadletters:
-                rows = [(_dt(d.letter.received_at), d.letter.reason, d.letter.detail,
-                         d.letter.mqtt_topic, d.letter.sensor_id, d.letter.payload,
-                         d.letter.payload_encoding, d.letter.service, d.partition, d.offset)
-                        for d in deadletters]
+                rows = [deadletter_row(d) for d in deadletters]
                 status = await conn.execute(_INSERT_DEADLETTERS,
                                             *(list(col) for col in zip(*rows, strict=True)))
                 result.deadletters = int(status.rsplit(" ", 1)[1])
@@ -506,11 +693,13 @@ def _datetimes(ms: np.ndarray) -> list[datetime]:
 
 
 async def with_retries(op: Callable[[], Awaitable[T]], attempts: int = MAX_RETRIES) -> T:
+    """Run ``op``, again on contention (``Fault.CONTENTION``), at most ``attempts`` times."""
+    backoff = Backoff(0.05, 1.0)
     for attempt in range(attempts):
         try:
             return await op()
-        except TRANSIENT:
-            if attempt == attempts - 1:
+        except Exception as exc:
+            if classify(exc) is not Fault.CONTENTION or attempt == attempts - 1:
                 raise
-            await asyncio.sleep(0.05 * (attempt + 1))
+            await asyncio.sleep(backoff.next())
     raise AssertionError("unreachable")

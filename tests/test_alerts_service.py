@@ -20,6 +20,7 @@ from alerts.model import decode_change
 from alerts.store import AlertStore, create_pool
 from alerts.testing import EventProducer, RunningService, make_event, now_ms
 from cityops.settings import Settings
+from ingest.contract import encode_event
 
 RUN = uuid.uuid4().hex[:6]
 
@@ -120,6 +121,13 @@ rules:
     severity: warning
     match: {{sensors: [{sid("silent")}]}}
     silence_s: 2
+  - id: poison_guard
+    type: threshold
+    severity: minor
+    match: {{sensors: [{sid("p-good")}, {sid("p-eval")}, {sid("p-store")}]}}
+    metric: speed_kmh
+    op: "<"
+    value: 10
   - id: night_zone
     type: geofence
     severity: critical
@@ -561,6 +569,71 @@ async def test_rules_file_hot_reload_and_bad_file_keeps_last_good(
     await eventually(lambda: asyncio.sleep(0, running.service.rules_file.last_error))
     err = running.service.rules_file.last_error
     assert "rule 'hot_added'" in err and "field 'metric'" in err and "occupancyy" in err
-    assert "hot_added" in engine.evaluators and len(engine.evaluators) == 12
+    assert "hot_added" in engine.evaluators
+    assert len(engine.evaluators) == RULES.count("\n  - id: ") + 1
     await asyncio.to_thread(rules_path.write_text, RULES)
     await eventually(lambda: asyncio.sleep(0, "hot_added" not in engine.evaluators))
+
+
+# --- poison records: parked or skipped, never a crash loop ---------------------------------
+async def test_poison_record_is_parked_and_a_refused_signal_skipped_while_others_go_on(
+        running: RunningService, producer: EventProducer, pool: asyncpg.Pool,
+        settings: Settings) -> None:
+    """One record makes rule evaluation raise, another's signal makes the alert store raise
+    a data error: both cost only themselves; the good record next to them raises its alert,
+    and the service keeps running."""
+    from prometheus_client import REGISTRY
+
+    svc = running.service
+    assert svc is not None and svc.engine is not None and svc.store is not None
+    engine, store = svc.engine, svc.store
+    real_evaluate, real_apply = engine.evaluate, store.apply
+    bad_eval, bad_store = sid("p-eval"), sid("p-store")
+
+    def evaluate(events: list[Any], source: str = "events") -> list[Any]:
+        if any(e.sensor_id == bad_eval for e in events):
+            raise ZeroDivisionError("rule exploded on this record")
+        return real_evaluate(events, source)
+
+    async def apply(signals: Any) -> Any:
+        if any(s.source == bad_store for s in signals):
+            raise asyncpg.exceptions.NumericValueOutOfRangeError("value out of range")
+        return await real_apply(signals)
+
+    def parked(stage: str) -> float:
+        return REGISTRY.get_sample_value("cityops_alerts_parked_total", {"stage": stage}) or 0.0
+
+    before = {st: parked(st) for st in ("evaluate", "store")}
+    engine.evaluate = evaluate  # type: ignore[method-assign]
+    store.apply = apply  # type: ignore[method-assign]
+    try:
+        t = now_ms()
+        poisoned = make_event(bad_eval, t, speed_kmh=3.0)
+        await producer.send(poisoned, make_event(sid("p-good"), t, speed_kmh=4.0),
+                            make_event(bad_store, t, speed_kmh=5.0))
+        raised = await eventually(lambda: alerts_of(pool, "poison_guard", sid("p-good")))
+        assert raised[0]["state"] == "active"
+        row = await eventually(lambda: pool.fetchrow(
+            "select * from parked where consumer_group = $1 and kafka_key = $2",
+            running.group, bad_eval.encode()))
+        assert row["service"] == "alerts" and row["topic"] == settings.topics.events
+        assert row["error_class"] == "ZeroDivisionError"
+        assert row["error"] == "rule exploded on this record"
+        assert bytes(row["payload"]) == encode_event(poisoned)  # the raw Kafka bytes
+        await eventually(lambda: _true(parked("store") - before["store"] >= 1))
+        assert parked("evaluate") - before["evaluate"] == 1
+        assert await alerts_of(pool, "poison_guard", bad_eval) == []
+        assert await alerts_of(pool, "poison_guard", bad_store) == []
+        assert svc.healthy() and running._task is not None and not running._task.done()
+    finally:
+        engine.evaluate = real_evaluate  # type: ignore[method-assign]
+        store.apply = real_apply  # type: ignore[method-assign]
+    # Once the cause is gone other sources raise as usual. (The skipped raise itself is not
+    # retried: the rule's state holds it as raised until its condition clears.)
+    await producer.send(make_event(sid("p-good"), now_ms(), speed_kmh=20.0),
+                        make_event(bad_eval, now_ms(), speed_kmh=2.0))
+    await eventually(lambda: alerts_of(pool, "poison_guard", bad_eval))
+
+
+async def _true(value: bool) -> bool:
+    return value
