@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from alerts.console import sensors as sensor_data
 from alerts.console.auth import (
@@ -82,6 +82,18 @@ Filter = Annotated[str | None, Query(min_length=1, max_length=64, pattern=LINE)]
 
 
 # --- API models (what /docs shows) --------------------------------------------------------
+class ErrorItem(BaseModel):
+    loc: list[str] = Field(description="where: body, query, path, then the field")
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """Every 4xx answer: a sentence, or (invalid input) what is wrong where."""
+
+    detail: str | list[ErrorItem]
+
+
 class AlertOut(BaseModel):
     """An alert; times are epoch milliseconds UTC."""
 
@@ -204,10 +216,18 @@ class SensorOut(BaseModel):
     alerts: list[AlertOut]
 
 
+# [epoch ms, value]. Documented as a plain 2-number array: the tuple's own schema
+# (prefixItems) is valid OpenAPI 3.1 but not understood by common tools, schemathesis among
+# them, which then cannot check this response.
+Point = Annotated[tuple[int, float], WithJsonSchema({
+    "type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2,
+    "description": "[epoch ms, value]"})]
+
+
 class SeriesOut(BaseModel):
     sensor_id: str
     metric: str
-    points: list[tuple[int, float]]
+    points: list[Point]
 
 
 class LatestRow(BaseModel):
@@ -387,6 +407,11 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
                     "header for changes); other agencies use read-only API tokens "
                     "(`Authorization: Bearer cot_...`) on alerts and latest values.",
         lifespan=lifespan,
+        # one documented shape for every refusal (401, 403, 404, 409, 413, 422), so clients
+        # and the schema-driven fuzz test (tests/test_console_fuzz.py) can rely on it
+        responses={"4XX": {"model": Problem, "description": "refused: not logged in (401), "
+                           "role or CSRF (403), not found (404), conflict (409), body too "
+                           "large (413), invalid input (422)"}},
     )
     app.state.console = console
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
