@@ -84,8 +84,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print("cityops demo: starting ingest, processor, alerts and console...")
         pipeline.start_all(wait_healthy=90)
         url = f"http://{settings.host}:{settings.console_port}/"
-        print(f"\n  Console:    {url}   (operator / operator-dev, supervisor / supervisor-dev,"
-              " viewer / viewer-dev)")
+        from alerts.console.cli import dev_user_passwords
+
+        logins = ", ".join(f"{n} / {pw}" for n, pw in dev_user_passwords(settings).items())
+        print(f"\n  Console:    {url}   ({logins})")
         print(f"  API docs:   {url}docs")
         print(f"  Prometheus: http://{settings.host}:{settings.prometheus_port}/")
         dsn = settings.pg_dsn.replace(f":{settings.pg_password}@", ":***@", 1)

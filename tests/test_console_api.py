@@ -489,3 +489,30 @@ async def test_nul_and_control_characters_are_refused_at_the_edge(
     async with logged_in(console, "supervisor") as sup:
         r = await sup.request(method, path, **kw)  # type: ignore[arg-type]
         assert r.status_code in (401, 404, 422), (path, r.status_code, r.text)
+
+
+async def test_demo_accounts_get_generated_passwords(settings: Settings,
+                                                     console: ConsoleServer) -> None:
+    """`--seed-dev-users` (what `cityops demo` runs) never uses a password from the source:
+    generated once per installation, kept, printed."""
+    env = {**os.environ, "CITYOPS_STATE_DIR": str(settings.state_dir),
+           "CITYOPS_PG_PORT": str(settings.pg_port)}
+
+    def seed() -> dict[str, str]:
+        proc = subprocess.run([sys.executable, "-m", "cityops.cli", "console",
+                               "--seed-dev-users"], text=True, capture_output=True, env=env,
+                              cwd=PROJECT_ROOT, timeout=60, check=True)
+        line = proc.stdout.strip().splitlines()[-1].removeprefix("dev users: ")
+        return {u.split("/")[0]: u.split("/", 1)[1].split(" ")[0] for u in line.split(", ")}
+
+    first = await asyncio.to_thread(seed)
+    assert set(first) == {"viewer", "operator", "supervisor"}
+    assert all(pw != f"{name}-dev" and len(pw) >= 12 for name, pw in first.items())
+    assert await asyncio.to_thread(seed) == first  # stable across runs
+    async with httpx.AsyncClient(base_url=console.url) as c:
+        r = await c.post("/api/login", json={"username": "supervisor",
+                                             "password": "supervisor-dev"})
+        assert r.status_code == 401
+        r = await c.post("/api/login", json={"username": "supervisor",
+                                             "password": first["supervisor"]})
+        assert r.status_code == 200 and r.json()["role"] == "supervisor"

@@ -4,6 +4,7 @@
     cityops console --create-user ana --role operator # password from stdin or
                                                       # $CITYOPS_NEW_PASSWORD
     cityops console --seed-dev-users                  # viewer/operator/supervisor demo logins
+                                                      # (passwords generated once, printed)
     cityops console --create-token water-agency       # read-only API token, printed once
     cityops console --list-tokens                     # id, agency, issued by/at, state
     cityops console --rotate-token ID                 # new token for the same agency, printed
@@ -21,12 +22,34 @@ import sys
 
 from cityops.settings import Settings
 
-DEV_USERS: dict[str, tuple[str, str]] = {
-    # username: (password, role) -- for the local demo only; never seed these in production
-    "viewer": ("viewer-dev", "viewer"),
-    "operator": ("operator-dev", "operator"),
-    "supervisor": ("supervisor-dev", "supervisor"),
-}
+# username -> role of the demo accounts (local demo only; never seed these in production)
+DEV_USERS: dict[str, str] = {"viewer": "viewer", "operator": "operator",
+                             "supervisor": "supervisor"}
+DEV_USERS_FILE = "console-dev-users.toml"
+
+
+def dev_user_passwords(settings: Settings) -> dict[str, str]:
+    """The demo accounts' passwords: generated once per installation and kept in the state
+    folder (0600), like the stack's other secrets; a fixed demo password would let anyone
+    who reads this file log in to any demo console as supervisor."""
+    import json
+    import tomllib
+
+    from cityops.settings import is_default_secret, new_secret
+
+    path = settings.state_dir / DEV_USERS_FILE
+    stored: dict[str, object] = {}
+    if path.is_file():
+        with path.open("rb") as fh:
+            stored = tomllib.load(fh)
+    passwords = {name: pw if isinstance(pw := stored.get(name), str) and len(pw) >= 8
+                 and not is_default_secret(pw) else new_secret()[:16] for name in DEV_USERS}
+    if passwords != stored:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)
+        path.write_text("".join(f"{n} = {json.dumps(pw)}\n" for n, pw in passwords.items()))
+    return passwords
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -103,9 +126,10 @@ async def _manage(args: argparse.Namespace, settings: Settings) -> int:
                 return 2
             print(f"user {args.create_user} ({args.role}) ready")
         if args.seed_dev_users:
-            for name, (pw, role) in DEV_USERS.items():
-                await create_user(pool, name, pw, role)
-            print("dev users: " + ", ".join(f"{n}/{pw} ({r})" for n, (pw, r) in
+            passwords = dev_user_passwords(settings)
+            for name, role in DEV_USERS.items():
+                await create_user(pool, name, passwords[name], role)
+            print("dev users: " + ", ".join(f"{n}/{passwords[n]} ({r})" for n, r in
                                             DEV_USERS.items()))
         if args.create_token:
             print(await create_token(pool, args.create_token, "cli"))
