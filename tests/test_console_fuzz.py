@@ -22,7 +22,7 @@ Budget: ``CITYOPS_FUZZ_EXAMPLES`` examples per operation, identity and mode (def
 ~1,200 requests, about 45 s on two shared cores, plus ~10 s for the private database).
 The suite runs a fixed seed (``CITYOPS_FUZZ_SEED``, default 0), so a failure reproduces.
 A longer exploration, e.g. before a release or after changing the API (300 examples:
-~35,000 requests, roughly 20-30 minutes; ``CITYOPS_FUZZ_PATHS``, a regex over paths,
+~35,000 requests, roughly 15-20 minutes; ``CITYOPS_FUZZ_PATHS``, a regex over paths,
 focuses it on some operations)::
 
     CITYOPS_FUZZ_EXAMPLES=300 CITYOPS_FUZZ_SEED=random \\
