@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from cityops.errors import ConfigError
-from cityops.settings import Settings, SettingsError
+from cityops.settings import SERVICE_SECRETS, Settings, SettingsError
 
 SERVICES: dict[str, tuple[str, str]] = {
     "ingest": ("ingest.cli", "MQTT -> normalize -> Kafka events and dead letters"),
@@ -96,6 +96,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if mod is None or not hasattr(mod, "run"):
         print(f"cityops: '{args.command}' is not available in this build", file=sys.stderr)
         return 2
+    # Before anything starts: a service never runs on a secret anyone can read in this
+    # source tree (one line, no traceback). The demo generates its own via the stack.
+    problem = settings.secrets_problem(args.command)
+    if problem:
+        print(f"cityops: {problem}", file=sys.stderr)
+        return 2
+    weak = settings.default_secrets(SERVICE_SECRETS.get(args.command, ()))
+    if weak:  # dev_mode let it through
+        logging.getLogger("cityops").warning(
+            "dev_mode: %s runs with well-known default %s", args.command, ", ".join(weak))
     return int(mod.run(args, settings) or 0)
 
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cityops.settings import PROJECT_ROOT, Settings
+from cityops.settings import CREDENTIALS_FILE, PROJECT_ROOT, Settings
 from cityops.supervisor import Pipeline, Worker, metric_sum, scrape
 
 # The city runs in real time (sensor clocks are the wall clock, as ingest expects), so each
@@ -60,6 +60,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     stack = Stack(settings)
     print("cityops demo: starting the stack (Mosquitto, Kafka broker, PostgreSQL, Prometheus)...")
     started = stack.up()
+    # The stack settled the installation's generated secrets (credentials.toml): every
+    # worker gets those, never the well-known defaults.
+    settings = stack.settings
     pipeline = Pipeline(settings)
     seed = subprocess.run([sys.executable, "-m", "cityops.cli", "console", "--seed-dev-users"],
                           env=pipeline.env_for(Worker("console", 0, settings.console_port)),
@@ -81,11 +84,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print("cityops demo: starting ingest, processor, alerts and console...")
         pipeline.start_all(wait_healthy=90)
         url = f"http://{settings.host}:{settings.console_port}/"
-        print(f"\n  Console:    {url}   (operator / operator-dev, supervisor / supervisor-dev,"
-              " viewer / viewer-dev)")
+        from alerts.console.cli import dev_user_passwords
+
+        logins = ", ".join(f"{n} / {pw}" for n, pw in dev_user_passwords(settings).items())
+        print(f"\n  Console:    {url}   ({logins})")
         print(f"  API docs:   {url}docs")
         print(f"  Prometheus: http://{settings.host}:{settings.prometheus_port}/")
-        print(f"  Database:   {settings.pg_dsn}")
+        dsn = settings.pg_dsn.replace(f":{settings.pg_password}@", ":***@", 1)
+        print(f"  Database:   {dsn}   (generated passwords: "
+              f"{settings.state_dir / CREDENTIALS_FILE})")
         print("  Ctrl-C stops the demo.\n")
         _loop(args, settings, pipeline, lambda: stop)
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import ssl
 import tomllib
 from collections.abc import Mapping
@@ -25,6 +26,45 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_FLEET = PROJECT_ROOT / "simulators" / "fleets" / "default.toml"
 DEFAULT_RULES = PROJECT_ROOT / "alerts" / "rules" / "default.yaml"
 CREDENTIALS_FILE = "credentials.toml"
+
+# The settings that are secrets. None has a usable default: the local stack generates them
+# once per installation (``cityops stack up`` -> credentials.toml), production passes them
+# from its secret store (deploy/compose/.env, the Kubernetes ``cityops-secrets`` Secret).
+SECRET_FIELDS = ("mqtt_sensor_password", "mqtt_ingest_password", "mqtt_admin_password",
+                 "pg_password", "console_secret")
+# Which secrets each service reads (deploy/env.yaml has the full list of what it reads).
+SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
+    "ingest": ("mqtt_ingest_password",),
+    "process": ("pg_password",),
+    "alerts": ("pg_password",),
+    "console": ("console_secret", "pg_password"),
+    "simulate": ("mqtt_sensor_password",),
+}
+# Values anyone can guess because they are in this source tree, its history, the deploy
+# examples or every tutorial: a service refuses to start with one of them (outside
+# dev_mode), so a forgotten setting can never mean a forgeable session or an open broker.
+KNOWN_DEFAULT_SECRETS = frozenset({
+    "", "cityops-dev-secret-change-me", "sensors-dev", "ingest-dev", "ops-dev",
+    "secret", "changeme", "change-me", "changeit", "password", "passw0rd", "admin", "test",
+    "dev", "postgres", "cityops", "mosquitto", "sensors", "ingest", "ops",
+    "replace-me-sensors", "replace-me-ingest", "replace-me-ops", "replacemepostgres",
+    "replace-me-with-64-random-hex-characters",
+})
+
+
+def new_secret() -> str:
+    """A fresh random secret (256 bits), safe inside a connection URL and as an argument:
+    token_urlsafe's alphabet is URL-safe, and a leading '-' would read as an option to
+    ``mosquitto_passwd``, so such draws are skipped."""
+    while True:
+        value = secrets.token_urlsafe(32)
+        if not value.startswith("-"):
+            return value
+
+
+def is_default_secret(value: str) -> bool:
+    """True if ``value`` is a well-known value rather than a secret (case-insensitive)."""
+    return value.strip().lower() in KNOWN_DEFAULT_SECRETS
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +134,7 @@ class Settings:
     rules_file: Path = DEFAULT_RULES
 
     # --- Console ------------------------------------------------------------------
-    console_secret: str = "cityops-dev-secret-change-me"
+    console_secret: str = "cityops-dev-secret-change-me"  # known default: see SECRET_FIELDS
     console_session_s: int = 12 * 3600  # console login lifetime (a night shift)
 
     # --- Alerts (rules -> alert lifecycle; see alerts/service.py) ----------------------
@@ -150,6 +190,11 @@ class Settings:
     pg_host_override: str = ""  # database host, e.g. "timescaledb"; empty means `host`
     bind_host: str = "127.0.0.1"  # where /metrics, /healthz, the console listen (0.0.0.0 in pods)
 
+    # --- Development ----------------------------------------------------------------
+    # Lets a service start with a well-known default secret (a warning instead of a refusal).
+    # Only for throwaway setups; the local stack and the demo need it not (they generate).
+    dev_mode: bool = False
+
     # ------------------------------------------------------------------------------
     @property
     def mqtt_host(self) -> str:
@@ -193,6 +238,35 @@ class Settings:
         if not self.mqtt_ca_file:
             return None
         return ssl.create_default_context(cafile=self.mqtt_ca_file)
+
+    def default_secrets(self, names: tuple[str, ...] = SECRET_FIELDS) -> list[str]:
+        """Which of the secret settings ``names`` still hold a well-known value.
+
+        ``pg_password`` is not needed when ``pg_dsn_override`` gives the whole DSN (the
+        override carries its own credentials, or none by the operator's explicit choice).
+        """
+        found = []
+        for name in names:
+            if name == "pg_password" and self.pg_dsn_override:
+                continue
+            if is_default_secret(getattr(self, name)):
+                found.append(name)
+        return found
+
+    def secrets_problem(self, service: str) -> str | None:
+        """One line saying why ``service`` must not start with these settings, or None.
+
+        Called by ``cityops <service>`` before anything else runs: a known default secret
+        in production means a forgeable console session or an MQTT account anyone can use.
+        """
+        weak = self.default_secrets(SERVICE_SECRETS.get(service, ()))
+        if not weak or self.dev_mode:
+            return None
+        envs = ", ".join(f"CITYOPS_{n.upper()}" for n in weak)
+        what = "is a well-known default" if len(weak) == 1 else "are well-known defaults"
+        return (f"refusing to start {service}: {', '.join(weak)} {what}; "
+                f"run `cityops stack up` (generates per-installation secrets) or set {envs} "
+                "from your secret store (CITYOPS_DEV_MODE=true allows defaults for development)")
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

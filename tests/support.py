@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from cityops.settings import Settings
+from cityops.settings import SECRET_FIELDS, Settings, new_secret
 from cityops.stack import Stack
 
 
@@ -23,12 +23,16 @@ def free_port() -> int:
 
 
 def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
-    """Settings for an isolated stack: fresh ports, own state folder."""
+    """Settings for an isolated stack: fresh ports, own state folder, and freshly generated
+    secrets (as ``cityops stack up`` makes them), so tests run the way an installation does
+    rather than in dev_mode."""
     ports = {name: free_port() for name in (
         "mqtt_port", "kafka_port", "kafka_controller_port", "pg_port", "prometheus_port",
         "ingest_metrics_port", "process_metrics_port", "alerts_metrics_port",
         "simulate_metrics_port", "console_port")}
-    return Settings(state_dir=state_dir, **{**ports, **overrides})  # type: ignore[arg-type]
+    secrets = {name: new_secret() for name in SECRET_FIELDS}
+    return Settings(state_dir=state_dir,
+                    **{**ports, **secrets, **overrides})  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from cityops.city import DISTRICTS
 from cityops.registry import FleetError, load_fleet
-from cityops.settings import DEFAULT_FLEET, Settings, SettingsError
+from cityops.settings import (
+    DEFAULT_FLEET,
+    SECRET_FIELDS,
+    SERVICE_SECRETS,
+    Settings,
+    SettingsError,
+    new_secret,
+)
 
 
 def test_env_overrides_config_file_overrides_defaults(tmp_path: Path) -> None:
@@ -82,3 +92,44 @@ def test_fleet_errors_name_group_and_field(tmp_path: Path, group: str, message: 
     path.write_text(f"[[group]]\n{group}\n")
     with pytest.raises(FleetError, match=message):
         load_fleet(path)
+
+
+# --- no default secret --------------------------------------------------------------------------
+def test_known_defaults_are_weak_and_generated_secrets_are_not() -> None:
+    s = Settings()
+    assert set(s.default_secrets()) == set(SECRET_FIELDS)
+    strong = s.replace(**{n: new_secret() for n in SECRET_FIELDS})
+    assert strong.default_secrets() == []
+    assert len({getattr(strong, n) for n in SECRET_FIELDS}) == len(SECRET_FIELDS)
+    # the deploy examples' placeholders count as defaults too: copied unchanged, refused
+    placeholders = s.replace(console_secret="replace-me-with-64-random-hex-characters",
+                             pg_password="replacemepostgres", mqtt_ingest_password="Secret")
+    assert {"console_secret", "pg_password", "mqtt_ingest_password"} <= set(
+        placeholders.default_secrets())
+    # a whole DSN given explicitly carries its own credentials
+    assert "pg_password" not in s.replace(pg_dsn_override="postgresql://u:p@h/db"
+                                          ).default_secrets()
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_SECRETS))
+def test_services_refuse_known_default_secrets_in_one_line(service: str, tmp_path: Path) -> None:
+    env = {"PATH": os.environ["PATH"], "CITYOPS_STATE_DIR": str(tmp_path)}
+    res = subprocess.run([sys.executable, "-m", "cityops.cli", service], env=env,
+                         capture_output=True, text=True, check=False, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, res.stderr
+    line = lines[0]
+    assert f"refusing to start {service}" in line and "Traceback" not in line
+    for name in SERVICE_SECRETS[service]:
+        assert name in line and f"CITYOPS_{name.upper()}" in line
+    assert "cityops stack up" in line and "CITYOPS_DEV_MODE" in line
+
+
+def test_dev_mode_is_the_only_way_past_a_default() -> None:
+    s = Settings()
+    assert s.secrets_problem("console") is not None
+    assert s.replace(dev_mode=True).secrets_problem("console") is None
+    assert Settings.load(env={"CITYOPS_DEV_MODE": "true"}).dev_mode is True
+    strong = s.replace(**{n: new_secret() for n in SECRET_FIELDS})
+    assert all(strong.secrets_problem(svc) is None for svc in SERVICE_SECRETS)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import stat
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import aiomqtt
 import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from cityops.settings import Settings
+from cityops.settings import CREDENTIALS_FILE, SECRET_FIELDS, Settings
 from cityops.stack import Stack
 
 
@@ -144,3 +146,44 @@ def test_cli_reports_missing_binary_without_traceback(tmp_path) -> None:  # type
     assert res.returncode == 1, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "mosquitto" in lines[0] and "apt-get install" in lines[0], res.stderr
+
+
+def test_stack_generates_secrets_once_and_keeps_them(tmp_path: Path) -> None:
+    """No secret of the local stack is a default: the first up() generates them (0600
+    file), later stacks on the same state folder reuse them, and the servers get them."""
+    first = Stack(Settings(state_dir=tmp_path))
+    assert first._write_credentials() is True
+    creds = tmp_path / CREDENTIALS_FILE
+    assert stat.S_IMODE(creds.stat().st_mode) == 0o600
+    s = first.settings
+    assert s.default_secrets() == []
+    assert all(srv.settings is s for srv in first.servers)  # Mosquitto's passwd gets them
+    again = Stack(Settings.load(env={"CITYOPS_STATE_DIR": str(tmp_path)}))
+    assert again._write_credentials() is False
+    assert {n: getattr(again.settings, n) for n in SECRET_FIELDS} == \
+        {n: getattr(s, n) for n in SECRET_FIELDS}
+    # a file from before (the old dev defaults) is upgraded, not trusted
+    creds.write_text('mqtt_sensor_password = "sensors-dev"\n'
+                     'console_secret = "cityops-dev-secret-change-me"\n')
+    old = Stack(Settings.load(env={"CITYOPS_STATE_DIR": str(tmp_path)}))
+    assert old._write_credentials() is True and old.settings.default_secrets() == []
+    # an explicitly configured secret is recorded as given
+    mine = Stack(s.replace(console_secret="an-operator-chosen-secret-0123456789"))
+    mine._write_credentials()
+    assert Settings.load(env={"CITYOPS_STATE_DIR": str(tmp_path)}).console_secret == \
+        "an-operator-chosen-secret-0123456789"
+
+
+def test_session_stack_runs_on_generated_secrets(stack: Stack, settings: Settings) -> None:
+    assert settings.default_secrets() == []
+    stored = Settings.load(env={"CITYOPS_STATE_DIR": str(settings.state_dir)})
+    assert {n: getattr(stored, n) for n in SECRET_FIELDS} == \
+        {n: getattr(settings, n) for n in SECRET_FIELDS}
+
+
+async def test_postgres_requires_the_password_over_tcp(settings: Settings) -> None:
+    for password in ("", "wrong-password"):
+        dsn = settings.replace(pg_password=password).pg_dsn
+        with pytest.raises((asyncpg.InvalidPasswordError,
+                            asyncpg.InvalidAuthorizationSpecificationError)):
+            await asyncpg.connect(dsn, timeout=5)

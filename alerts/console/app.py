@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,10 +24,12 @@ import asyncpg
 import msgspec
 from aiokafka import AIOKafkaProducer
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from alerts.console import sensors as sensor_data
 from alerts.console.auth import (
@@ -33,7 +37,10 @@ from alerts.console.auth import (
     Principal,
     Role,
     Sessions,
-    create_token,
+    issue_token,
+    list_tokens,
+    revoke_token,
+    rotate_token,
     token_principal,
     verify_user,
 )
@@ -52,10 +59,41 @@ from cityops.registry import Fleet, FleetError, load_fleet
 from cityops.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 Severity = Literal["critical", "major", "minor", "warning", "info"]
+
+# --- what an input may be (checked at the edge, so no input reaches PostgreSQL or the
+# datetime functions in a form they reject with an exception, i.e. a 500) -------------------------
+INT64_MAX = 2**63 - 1  # bigserial ids
+# One line of text: no control characters (PostgreSQL text cannot hold NUL, and nothing an
+# operator types or a sensor id contains needs the others).
+LINE = r"^[^\x00-\x1f\x7f]*$"
+# Free text (notes, reasons): also newlines and tabs.
+TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*$"
+# Epoch milliseconds a maintenance window may name: 1970 .. 2100 (datetime handles both).
+EPOCH_MS_MAX = 4_102_444_800_000
+MAX_WINDOW_S = 30 * 86400  # a maintenance window lasts at most this long ...
+MAX_WINDOW_LEAD_S = 366 * 86400  # ... and starts at most this far ahead
+MAX_BODY_BYTES = 64 * 1024  # the largest request body any endpoint needs is a 2,000-char note
+
+Id = Annotated[int, PathParam(ge=1, le=INT64_MAX, description="a positive 64-bit id")]
+SensorId = Annotated[str, PathParam(min_length=1, max_length=128, pattern=LINE)]
+Filter = Annotated[str | None, Query(min_length=1, max_length=64, pattern=LINE)]
 
 
 # --- API models (what /docs shows) --------------------------------------------------------
+class ErrorItem(BaseModel):
+    loc: list[str] = Field(description="where: body, query, path, then the field")
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """Every 4xx answer: a sentence, or (invalid input) what is wrong where."""
+
+    detail: str | list[ErrorItem]
+
+
 class AlertOut(BaseModel):
     """An alert; times are epoch milliseconds UTC."""
 
@@ -103,7 +141,7 @@ class AlertDetail(BaseModel):
 
 
 class LoginIn(BaseModel):
-    username: str = Field(min_length=1, max_length=64)
+    username: str = Field(min_length=1, max_length=64, pattern=LINE)
     password: str = Field(min_length=1, max_length=256)
 
 
@@ -114,25 +152,30 @@ class Me(BaseModel):
 
 
 class NoteIn(BaseModel):
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=2000, pattern=TEXT)
 
 
 class CommentIn(BaseModel):
-    note: str = Field(min_length=1, max_length=2000)
+    note: str = Field(min_length=1, max_length=2000, pattern=TEXT)
 
 
 class AssignIn(BaseModel):
-    assignee: str = Field(min_length=1, max_length=64)
-    note: str | None = Field(default=None, max_length=2000)
+    assignee: str = Field(min_length=1, max_length=64, pattern=LINE)
+    note: str | None = Field(default=None, max_length=2000, pattern=TEXT)
 
 
 class MaintenanceIn(BaseModel):
+    """A window: starts_at (default now) plus either ends_at or duration_s; whichever sets
+    the end, the window lasts at most 30 days and starts at most a year ahead."""
+
     scope: Literal["sensor", "district", "landmark"]
-    target: str = Field(min_length=1, max_length=128)
-    starts_at: int | None = Field(default=None, description="epoch ms; default now")
-    ends_at: int | None = Field(default=None, description="epoch ms; or give duration_s")
-    duration_s: int | None = Field(default=None, gt=0, le=30 * 86400)
-    reason: str = Field(default="", max_length=500)
+    target: str = Field(min_length=1, max_length=128, pattern=LINE)
+    starts_at: int | None = Field(default=None, ge=0, le=EPOCH_MS_MAX,
+                                  description="epoch ms; default now")
+    ends_at: int | None = Field(default=None, ge=0, le=EPOCH_MS_MAX,
+                                description="epoch ms; or give duration_s (not both)")
+    duration_s: int | None = Field(default=None, gt=0, le=MAX_WINDOW_S)
+    reason: str = Field(default="", max_length=500, pattern=TEXT)
 
 
 class MaintenanceOut(BaseModel):
@@ -146,13 +189,25 @@ class MaintenanceOut(BaseModel):
 
 
 class TokenIn(BaseModel):
-    agency: str = Field(min_length=2, max_length=64)
+    agency: str = Field(min_length=2, max_length=64, pattern=LINE)
 
 
 class TokenOut(BaseModel):
+    token_id: int = Field(description="to list, rotate or revoke it later")
     agency: str
     token: str = Field(description="shown once; send as 'Authorization: Bearer <token>'")
     scope: str = "read"
+
+
+class TokenInfo(BaseModel):
+    """An issued token (never the token itself: only its hash is stored)."""
+
+    token_id: int
+    agency: str
+    scope: str
+    created_by: str
+    created_at: int = Field(description="epoch ms")
+    revoked_at: int | None = Field(default=None, description="epoch ms; null while valid")
 
 
 class SensorOut(BaseModel):
@@ -161,10 +216,18 @@ class SensorOut(BaseModel):
     alerts: list[AlertOut]
 
 
+# [epoch ms, value]. Documented as a plain 2-number array: the tuple's own schema
+# (prefixItems) is valid OpenAPI 3.1 but not understood by common tools, schemathesis among
+# them, which then cannot check this response.
+Point = Annotated[tuple[int, float], WithJsonSchema({
+    "type": "array", "items": {"type": "number"}, "minItems": 2, "maxItems": 2,
+    "description": "[epoch ms, value]"})]
+
+
 class SeriesOut(BaseModel):
     sensor_id: str
     metric: str
-    points: list[tuple[int, float]]
+    points: list[Point]
 
 
 class LatestRow(BaseModel):
@@ -238,6 +301,83 @@ Operator = Annotated[Principal, require(Role.OPERATOR)]
 Supervisor = Annotated[Principal, require(Role.SUPERVISOR)]
 
 
+# --- the edge: whatever arrives, the answer is a 4xx, never a 500 --------------------------------
+def _json(status: int, content: Any) -> Response:
+    """JSON that can always be encoded: ensure_ascii escapes even a lone surrogate (valid in
+    a JSON string sent to us, not encodable as UTF-8), which FastAPI's default would
+    turn into a 500 while reporting the invalid input."""
+    return Response(json.dumps(content, ensure_ascii=True, default=str), status_code=status,
+                    media_type="application/json")
+
+
+async def _invalid_request(request: Request, exc: Exception) -> Response:
+    """422 naming what is wrong, without echoing the input back (it may be anything)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", "")),
+               "type": str(e.get("type", ""))} for e in exc.errors()]
+    return _json(422, {"detail": errors})
+
+
+async def _refused_by_database(request: Request, exc: Exception) -> Response:
+    """Last resort: input the edge's types let through but PostgreSQL or a conversion
+    refused (asyncpg.DataError: bad characters, numbers or times out of range). Logged, as
+    it means a bound is missing above; the caller gets a 422, not a 500."""
+    log.warning("input refused below the edge on %s %s: %s: %s", request.method,
+                request.url.path, type(exc).__name__, exc)
+    return _json(422, {"detail": f"invalid input ({type(exc).__name__})"})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuse request bodies over ``max_bytes`` with 413, by Content-Length or as they
+    stream in: no endpoint needs more, and nothing else would stop a client from making
+    the server buffer and parse megabytes."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_bytes:
+            await self._refuse(send)
+            return
+        seen = 0
+        started = False
+
+        async def counted() -> Any:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps({"detail": f"request body over {self.max_bytes} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
     if fleet is None:
         with contextlib.suppress(FleetError):
@@ -267,9 +407,19 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
                     "header for changes); other agencies use read-only API tokens "
                     "(`Authorization: Bearer cot_...`) on alerts and latest values.",
         lifespan=lifespan,
+        # one documented shape for every refusal (401, 403, 404, 409, 413, 422), so clients
+        # and the schema-driven fuzz test (tests/test_console_fuzz.py) can rely on it
+        responses={"4XX": {"model": Problem, "description": "refused: not logged in (401), "
+                           "role or CSRF (403), not found (404), conflict (409), body too "
+                           "large (413), invalid input (422)"}},
     )
     app.state.console = console
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(asyncpg.DataError, _refused_by_database)
+    app.add_exception_handler(OverflowError, _refused_by_database)
+    app.add_exception_handler(UnicodeError, _refused_by_database)
 
     def store() -> AlertStore:
         assert console.store
@@ -327,7 +477,7 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
     # --- alerts ----------------------------------------------------------------------------------
     @app.get("/api/alerts", response_model=list[AlertOut], tags=["alerts"])
     async def list_alerts(p: Reader, state: Literal["active", "cleared"] | None = None,
-                          domain: str | None = None, district: str | None = None,
+                          domain: Filter = None, district: Filter = None,
                           severity: Severity | None = None, acknowledged: bool | None = None,
                           limit: Annotated[int, Query(ge=1, le=2000)] = 500) -> Any:
         """Alerts, active first, newest change first."""
@@ -336,7 +486,7 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
         return [_alert_dict(a) for a in got]
 
     @app.get("/api/alerts/{alert_id}", response_model=AlertDetail, tags=["alerts"])
-    async def get_alert(alert_id: int, p: Reader) -> Any:
+    async def get_alert(alert_id: Id, p: Reader) -> Any:
         a = await store().get(alert_id)
         if a is None:
             raise HTTPException(404, f"no alert {alert_id}")
@@ -353,22 +503,22 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
         return _alert_dict(change.alert)
 
     @app.post("/api/alerts/{alert_id}/acknowledge", response_model=AlertOut, tags=["alerts"])
-    async def acknowledge(alert_id: int, p: Operator, body: NoteIn | None = None) -> Any:
+    async def acknowledge(alert_id: Id, p: Operator, body: NoteIn | None = None) -> Any:
         """Operator or supervisor: I have seen it and I am on it."""
         return await _act(alert_id, "acknowledged", p, note=body.note if body else None)
 
     @app.post("/api/alerts/{alert_id}/comment", response_model=AlertOut, tags=["alerts"])
-    async def comment(alert_id: int, body: CommentIn, p: Operator) -> Any:
+    async def comment(alert_id: Id, body: CommentIn, p: Operator) -> Any:
         """Operator or supervisor: add a note to the alert's audit trail."""
         return await _act(alert_id, "commented", p, note=body.note)
 
     @app.post("/api/alerts/{alert_id}/assign", response_model=AlertOut, tags=["alerts"])
-    async def assign(alert_id: int, body: AssignIn, p: Supervisor) -> Any:
+    async def assign(alert_id: Id, body: AssignIn, p: Supervisor) -> Any:
         """Supervisor: hand the alert to someone."""
         return await _act(alert_id, "assigned", p, assignee=body.assignee, note=body.note)
 
     @app.post("/api/alerts/{alert_id}/clear", response_model=AlertOut, tags=["alerts"])
-    async def clear(alert_id: int, p: Supervisor, body: NoteIn | None = None) -> Any:
+    async def clear(alert_id: Id, p: Supervisor, body: NoteIn | None = None) -> Any:
         """Supervisor: clear by hand (the rule will not re-raise until its condition ends)."""
         return await _act(alert_id, "cleared", p, note=body.note if body else None)
 
@@ -418,17 +568,28 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
             raise HTTPException(422, f"unknown district {body.target!r}")
         if body.scope == "landmark" and body.target not in LANDMARKS_BY_CODE:
             raise HTTPException(422, f"unknown landmark {body.target!r}")
-        start = body.starts_at or int(time.time() * 1000)
-        end = body.ends_at or (start + body.duration_s * 1000 if body.duration_s else None)
+        now = int(time.time() * 1000)
+        if body.ends_at is not None and body.duration_s is not None:
+            raise HTTPException(422, "give ends_at or duration_s, not both")
+        start = now if body.starts_at is None else body.starts_at
+        end = body.ends_at if body.duration_s is None else start + body.duration_s * 1000
         if end is None or end <= start:
             raise HTTPException(422, "give ends_at after starts_at, or duration_s")
+        # the same bounds whichever field set the end
+        if end - start > MAX_WINDOW_S * 1000:
+            raise HTTPException(422, f"a maintenance window lasts at most "
+                                     f"{MAX_WINDOW_S // 86400} days")
+        if start > now + MAX_WINDOW_LEAD_S * 1000:
+            raise HTTPException(422, "a maintenance window starts at most a year ahead")
+        if end <= now:
+            raise HTTPException(422, "that window would already be over")
         wid = await store().add_window(body.scope, body.target, start, end, body.reason, p.name)
         return MaintenanceOut(window_id=wid, scope=body.scope, target=body.target,
                               starts_at=start, ends_at=end, reason=body.reason,
                               created_by=p.name)
 
     @app.delete("/api/maintenance/{window_id}", tags=["maintenance"])
-    async def delete_window(window_id: int, p: Supervisor) -> dict[str, bool]:
+    async def delete_window(window_id: Id, p: Supervisor) -> dict[str, bool]:
         if not await store().delete_window(window_id):
             raise HTTPException(404, f"no maintenance window {window_id}")
         return {"deleted": True}
@@ -438,12 +599,40 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
     async def new_token(body: TokenIn, p: Supervisor) -> TokenOut:
         """Supervisor: a read-only API token for another agency (shown once)."""
         assert console.pool
-        return TokenOut(agency=body.agency,
-                        token=await create_token(console.pool, body.agency, p.name))
+        token_id, token = await issue_token(console.pool, body.agency, p.name)
+        return TokenOut(token_id=token_id, agency=body.agency, token=token)
+
+    @app.get("/api/tokens", response_model=list[TokenInfo], tags=["tokens"])
+    async def tokens(p: Supervisor) -> Any:
+        """Supervisor: every token issued, newest first (revoked ones with revoked_at)."""
+        assert console.pool
+        return await list_tokens(console.pool)
+
+    @app.post("/api/tokens/{token_id}/rotate", response_model=TokenOut, status_code=201,
+              tags=["tokens"])
+    async def rotate(token_id: Id, p: Supervisor) -> TokenOut:
+        """Supervisor: a new token for the same agency (shown once); the old one stops
+        working at once."""
+        assert console.pool
+        got = await rotate_token(console.pool, token_id, p.name)
+        if got is None:
+            raise HTTPException(404, f"no active token {token_id}")
+        CONSOLE_ACTIONS.labels("token_rotated").inc()
+        new_id, agency, token = got
+        return TokenOut(token_id=new_id, agency=agency, token=token)
+
+    @app.delete("/api/tokens/{token_id}", tags=["tokens"])
+    async def revoke(token_id: Id, p: Supervisor) -> dict[str, bool]:
+        """Supervisor: revoke a token; its next request gets 401."""
+        assert console.pool
+        if not await revoke_token(console.pool, token_id):
+            raise HTTPException(404, f"no active token {token_id}")
+        CONSOLE_ACTIONS.labels("token_revoked").inc()
+        return {"revoked": True}
 
     # --- sensors and the map ---------------------------------------------------------------------
     @app.get("/api/sensors/{sensor_id}", response_model=SensorOut, tags=["sensors"])
-    async def sensor(sensor_id: str, p: Reader) -> Any:
+    async def sensor(sensor_id: SensorId, p: Reader) -> Any:
         """A sensor, its latest value per metric, and its active alerts."""
         assert console.pool
         info = await sensor_data.sensor_info(console.pool, console.fleet, sensor_id)
@@ -457,7 +646,10 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
                 "alerts": [_alert_dict(row_to_alert(r)) for r in rows]}
 
     @app.get("/api/sensors/{sensor_id}/series", response_model=SeriesOut, tags=["sensors"])
-    async def sensor_series(sensor_id: str, metric: str, p: Reader,
+    async def sensor_series(sensor_id: SensorId,
+                            metric: Annotated[str, Query(min_length=1, max_length=64,
+                                                         pattern=LINE)],
+                            p: Reader,
                             minutes: Annotated[int, Query(ge=1, le=7 * 1440)] = 120) -> Any:
         """Recent readings of one metric (for the sparkline)."""
         assert console.pool
@@ -465,7 +657,7 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
         return {"sensor_id": sensor_id, "metric": metric, "points": pts}
 
     @app.get("/api/latest", response_model=list[LatestRow], tags=["sensors"])
-    async def latest(p: Reader, district: str | None = None, domain: str | None = None,
+    async def latest(p: Reader, district: Filter = None, domain: Filter = None,
                      limit: Annotated[int, Query(ge=1, le=20000)] = 5000) -> Any:
         """Latest value of every sensor and metric (optionally one district or domain)."""
         assert console.pool

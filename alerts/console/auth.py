@@ -17,6 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import asyncpg
 from argon2 import PasswordHasher
@@ -85,10 +86,52 @@ async def verify_user(pool: asyncpg.Pool, username: str, password: str) -> Role 
 
 
 async def create_token(pool: asyncpg.Pool, agency: str, created_by: str) -> str:
+    return (await issue_token(pool, agency, created_by))[1]
+
+
+async def issue_token(pool: asyncpg.Pool, agency: str, created_by: str) -> tuple[int, str]:
+    """A new read-only token: (token id, for listing and revoking; the token, shown once)."""
     token = "cot_" + secrets.token_urlsafe(32)
-    await pool.execute("insert into api_tokens (token_hash, agency, created_by) "
-                       "values ($1, $2, $3)", _token_hash(token), agency, created_by)
-    return token
+    token_id = await pool.fetchval("insert into api_tokens (token_hash, agency, created_by) "
+                                   "values ($1, $2, $3) returning token_id",
+                                   _token_hash(token), agency, created_by)
+    return int(token_id), token
+
+
+async def list_tokens(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+    """Every API token ever issued (never the token itself: only its hash is stored),
+    newest first; revoked ones carry ``revoked_at`` so an audit sees what existed."""
+    rows = await pool.fetch(
+        "select token_id, agency, scope, created_by, "
+        "(extract(epoch from created_at) * 1000)::bigint as created_at, "
+        "(extract(epoch from revoked_at) * 1000)::bigint as revoked_at "
+        "from api_tokens order by token_id desc")
+    return [dict(r) for r in rows]
+
+
+async def revoke_token(pool: asyncpg.Pool, token_id: int) -> bool:
+    """Revoke a live token; True if it was live. Takes effect on the next request: every
+    request looks its token up (``token_principal``), nothing caches a grant."""
+    done = await pool.execute("update api_tokens set revoked_at = now() "
+                              "where token_id = $1 and revoked_at is null", token_id)
+    return bool(done == "UPDATE 1")
+
+
+async def rotate_token(pool: asyncpg.Pool, token_id: int,
+                       by: str) -> tuple[int, str, str] | None:
+    """Replace a live token by a new one for the same agency (old revoked at once, in the
+    same transaction); returns (new id, agency, new token), or None if no such live token."""
+    token = "cot_" + secrets.token_urlsafe(32)
+    async with pool.acquire() as conn, conn.transaction():
+        agency = await conn.fetchval("update api_tokens set revoked_at = now() where "
+                                     "token_id = $1 and revoked_at is null returning agency",
+                                     token_id)
+        if agency is None:
+            return None
+        new_id = await conn.fetchval("insert into api_tokens (token_hash, agency, created_by) "
+                                     "values ($1, $2, $3) returning token_id",
+                                     _token_hash(token), agency, by)
+    return int(new_id), str(agency), token
 
 
 async def token_principal(pool: asyncpg.Pool, token: str) -> Principal | None:
@@ -118,17 +161,26 @@ class Sessions:
         return f"{b}.{self._sign(body)}"
 
     def read(self, value: str) -> Principal | None:
+        """The session in a cookie value, or None for anything else: a cookie is input from
+        anyone, so no value of it (non-ASCII, not base64, not JSON, wrong shape) may raise."""
+        b, dot, sig = value.partition(".")
+        if not dot or not value.isascii():
+            return None
         try:
-            b, sig = value.split(".", 1)
             body = base64.urlsafe_b64decode(b.encode())
-        except (ValueError, TypeError):
+        except ValueError:  # binascii.Error
             return None
-        if not hmac.compare_digest(sig, self._sign(body)):
+        # compare bytes: compare_digest refuses str with non-ASCII characters
+        if not hmac.compare_digest(sig.encode(), self._sign(body).encode()):
             return None
-        doc = json.loads(body)
-        if doc["exp"] < time.time():
+        try:  # signed by us, so it is what issue() wrote; still, never trust a shape
+            doc = json.loads(body)
+            user, role, exp = doc["u"], Role.named(doc["r"]), doc["exp"]
+        except (ValueError, TypeError, KeyError):
             return None
-        return Principal(doc["u"], Role.named(doc["r"]), "session", value)
+        if not isinstance(user, str) or not isinstance(exp, int | float) or exp < time.time():
+            return None
+        return Principal(user, role, "session", value)
 
     def csrf(self, session: str) -> str:
         return self._sign(b"csrf:" + session.encode())[:32]

@@ -3,6 +3,11 @@
 ``Stack(settings).up()`` starts what is not running (starting twice is harmless),
 ``down()`` stops exactly what ``up()`` started, by pid, and ``status()`` reports each
 server's port and health. Everything lives under ``settings.state_dir``.
+
+No secret of the stack has a default: the first ``up()`` generates the MQTT passwords,
+the database password and the console's session secret, keeps them in
+``<state_dir>/credentials.toml`` (0600; ``Settings.load`` reads it, so every local
+command finds them) and reuses them on every later ``up()``.
 """
 
 from __future__ import annotations
@@ -10,7 +15,13 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from cityops.settings import CREDENTIALS_FILE, Settings
+from cityops.settings import (
+    CREDENTIALS_FILE,
+    SECRET_FIELDS,
+    Settings,
+    is_default_secret,
+    new_secret,
+)
 from cityops.stack.process import MissingBinary, StackError
 from cityops.stack.servers import SERVERS, Health, Server
 
@@ -31,7 +42,11 @@ class Stack:
     def up(self, only: list[str] | None = None) -> list[str]:
         """Start the servers (all, or those named); returns the names started now."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self._write_credentials()
+        if self._write_credentials():
+            mqtt = self.server("mqtt")
+            if mqtt.proc.pid is not None:  # running with the old passwords: hand it the new
+                mqtt.write_config()  # type: ignore[attr-defined]
+                mqtt.reload_acl()  # type: ignore[attr-defined]
         for s in self.servers:
             if only is None or s.name in only:
                 s.check_installed()  # fail on a missing binary before starting anything
@@ -51,18 +66,46 @@ class Stack:
     def status(self) -> list[Health]:
         return [s.status() for s in self.servers]
 
-    def _write_credentials(self) -> None:
-        """Record the credentials this stack was configured with, for the other commands."""
+    def _write_credentials(self) -> bool:
+        """Settle this stack's credentials and record them for the other commands.
+
+        A secret that was configured (environment, config file, or read back from the
+        credentials file) is kept; one still at a well-known default is taken from the
+        credentials file if that holds a real one, else generated. ``self.settings`` (and
+        the servers') then carry them, so whoever started the stack uses the same ones.
+        Returns True if the file changed.
+        """
         s = self.settings
         path = Path(s.state_dir) / CREDENTIALS_FILE
-        creds = {
-            "mqtt_sensor_user": s.mqtt_sensor_user, "mqtt_sensor_password": s.mqtt_sensor_password,
-            "mqtt_ingest_user": s.mqtt_ingest_user, "mqtt_ingest_password": s.mqtt_ingest_password,
-            "mqtt_admin_user": s.mqtt_admin_user, "mqtt_admin_password": s.mqtt_admin_password,
-        }
+        stored: dict[str, object] = {}
         if path.exists():
             with path.open("rb") as fh:
-                if tomllib.load(fh) == creds:
-                    return
-        path.write_text("".join(f'{k} = "{v}"\n' for k, v in creds.items()))
-        path.chmod(0o600)
+                stored = tomllib.load(fh)
+        secrets: dict[str, str] = {}
+        for name in SECRET_FIELDS:
+            value = getattr(s, name)
+            if is_default_secret(value):
+                kept = stored.get(name)
+                value = kept if isinstance(kept, str) and not is_default_secret(kept) \
+                    else new_secret()
+            secrets[name] = value
+        self.settings = s.replace(**secrets)
+        for server in self.servers:
+            server.settings = self.settings
+        creds = {
+            "mqtt_sensor_user": s.mqtt_sensor_user, "mqtt_ingest_user": s.mqtt_ingest_user,
+            "mqtt_admin_user": s.mqtt_admin_user, **secrets,
+        }
+        if stored == creds:
+            return False
+        path.touch(mode=0o600, exist_ok=True)
+        path.chmod(0o600)  # before the secrets are in it
+        path.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in creds.items()))
+        return True
+
+
+def _toml_str(value: str) -> str:
+    """A TOML basic string (JSON's escaping is valid TOML for these values)."""
+    import json
+
+    return json.dumps(value)

@@ -284,7 +284,10 @@ class Postgres(Server):
                 fh.write(extra)
         sock.mkdir(exist_ok=True)
         _chown_tree(sock, "postgres")
-        opts = f"-p {self.port} -k {sock} -c listen_addresses={self.settings.host}"
+        # The socket (trust: the stack's own door, for setting the password) is for the
+        # server's OS user only; TCP clients need the password (scram, see prepare()).
+        opts = (f"-p {self.port} -k {sock} -c listen_addresses={self.settings.host} "
+                "-c unix_socket_permissions=0700")
         # pg_ctl forks the postmaster; we record the postmaster pid from postmaster.pid.
         subprocess.run(self._run_as_postgres([
             self._bin("pg_ctl"), "-D", str(data), "-l", str(self.proc.log_file),
@@ -305,20 +308,46 @@ class Postgres(Server):
     def healthy(self) -> bool:
         return port_open(self.settings.host, self.port) and run_sync(self._ping())
 
-    async def _ping(self) -> bool:
+    async def _socket_connect(self, wait_s: float = 60) -> Any:
+        """A superuser connection over the cluster's own Unix socket (no password: the
+        stack must reach the server before, and whatever, the password is)."""
         import asyncpg
 
-        dsn = self.settings.pg_dsn.rsplit("/", 1)[0] + "/postgres"
-        conn = await asyncpg.connect(dsn, timeout=3)
+        return await asyncpg.connect(host=str(self.dir / "sock"), port=self.port,
+                                     user=self.settings.pg_user, database="postgres",
+                                     timeout=wait_s)
+
+    async def _ping(self) -> bool:
+        conn = await self._socket_connect(wait_s=3)
         try:
             return await conn.fetchval("select 1") == 1
         finally:
             await conn.close()
 
+    async def _require_password(self) -> None:
+        """Give the database user the stack's generated password and make TCP clients use
+        it (scram-sha-256). Runs on every ``up``, so a rotated password in credentials.toml,
+        or a cluster created before passwords (all ``trust``), converges at once."""
+        password = self.settings.pg_password
+        if not password:
+            return
+        conn = await self._socket_connect()
+        try:
+            await conn.execute("set password_encryption = 'scram-sha-256'")
+            user = await conn.fetchval("select quote_ident($1)", self.settings.pg_user)
+            literal = await conn.fetchval("select quote_literal($1)", password)
+            await conn.execute(f"alter role {user} password {literal}")
+            hba = Path(await conn.fetchval("show hba_file"))
+            if await asyncio.to_thread(_scram_for_tcp, hba):
+                await conn.execute("select pg_reload_conf()")
+        finally:
+            await conn.close()
+
     async def prepare(self) -> None:
-        """Create the project database if missing, then migrate its schema."""
+        """Require the password, create the project database if missing, migrate it."""
         import asyncpg
 
+        await self._require_password()
         dsn = self.settings.pg_dsn.rsplit("/", 1)[0] + "/postgres"
         conn = await asyncpg.connect(dsn)
         try:
@@ -342,6 +371,22 @@ class Postgres(Server):
             check=False, capture_output=True)
         self.proc.stop(timeout=10)
         return True
+
+
+def _scram_for_tcp(hba: Path) -> bool:
+    """Turn pg_hba.conf's ``host ... trust`` lines (initdb --auth=trust) into
+    ``scram-sha-256``; local (socket) lines stay. Returns True if the file changed."""
+    lines = hba.read_text().splitlines(keepends=True)
+    out = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 5 and fields[0].startswith("host") and fields[-1] == "trust":
+            line = line[: line.rstrip().rfind("trust")] + "scram-sha-256\n"
+        out.append(line)
+    if out == lines:
+        return False
+    hba.write_text("".join(out))
+    return True
 
 
 class Prometheus(Server):
