@@ -65,7 +65,7 @@ from alerts.store import AlertStore, create_pool
 from alerts.testing import ConsoleServer, now_ms
 from cityops.settings import Settings, Topics
 from cityops.stack import Stack
-from cityops.stack.servers import create_topics
+from cityops.stack.kafka import create_topics
 from tests.support import free_port, private_postgres
 
 pytestmark = [

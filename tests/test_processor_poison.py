@@ -22,7 +22,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from cityops.settings import Settings
-from cityops.stack.servers import create_topics
+from cityops.stack.kafka import create_topics
 from ingest.contract import DeadLetter, encode_deadletter, encode_event
 from processors import queries
 from processors.service import Processor
