@@ -148,10 +148,14 @@ async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Se
                 (s.topics.deadletter, encode_deadletter(letter))])
             await wait_for(lambda: _eq(count_rows(conn, tag), len(expected_rows)), 60,
                            "all readings stored")
-            await wait_for(lambda: _eq(conn.fetchval(
-                "select count(*) from deadletters where service = 'processor' "
-                "and position($1::bytea in payload) > 0", b'"event_id": "broken'), 1), 30,
-                "the bad event dead-lettered")
+            bad_letters = ("select count(*) from deadletters where service = 'processor' "
+                           "and position($1::bytea in payload) > 0")
+            try:
+                await wait_for(lambda: _eq(conn.fetchval(bad_letters, b'"event_id": "broken'),
+                                           1), 30, "the bad event dead-lettered")
+            except AssertionError as exc:  # say whether it is missing or there twice
+                n = await conn.fetchval(bad_letters, b'"event_id": "broken')
+                raise AssertionError(f"{exc} (found {n})") from None
             await wait_for(lambda: _eq(conn.fetchval("select count(*) from rollup_repair"), 0),
                            30, "p95 repairs done")
             assert processor.healthy
