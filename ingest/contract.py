@@ -69,39 +69,46 @@ NATIONALITIES: tuple[str, ...] = ("vn", "kr", "cn", "us", "fr", "de", "au", "jp"
 
 
 class Metric(msgspec.Struct, frozen=True):
-    """A normalized measurement: its unit and the physically possible range."""
+    """A normalized measurement: its unit and the physically possible range.
+
+    ``exact`` marks counts: a count has no measurement noise, so a value below ``lo``
+    (a negative count) is impossible and refused, never clamped like a noisy speed or
+    ratio a little past its bound.
+    """
 
     unit: str
     lo: float
     hi: float
     doc: str
+    exact: bool = False
 
 
 METRICS: dict[str, Metric] = {
     # traffic
-    "count_motorbike": Metric("vehicles/interval", 0, 20_000, "motorbikes counted"),
-    "count_car": Metric("vehicles/interval", 0, 10_000, "cars counted"),
-    "count_truck": Metric("vehicles/interval", 0, 5_000, "trucks (HGV) counted"),
-    "count_bus": Metric("vehicles/interval", 0, 2_000, "buses counted"),
-    "flow": Metric("vehicles/interval", 0, 40_000, "all vehicles counted"),
+    "count_motorbike": Metric("vehicles/interval", 0, 20_000, "motorbikes counted", exact=True),
+    "count_car": Metric("vehicles/interval", 0, 10_000, "cars counted", exact=True),
+    "count_truck": Metric("vehicles/interval", 0, 5_000, "trucks (HGV) counted", exact=True),
+    "count_bus": Metric("vehicles/interval", 0, 2_000, "buses counted", exact=True),
+    "flow": Metric("vehicles/interval", 0, 40_000, "all vehicles counted", exact=True),
     "speed_kmh": Metric("km/h", 0, 200, "mean speed"),
     "occupancy": Metric("ratio", 0, 1, "share of time the detector was occupied"),
     "signal_state": Metric("enum", 0, 4, "0 off, 1 green, 2 amber, 3 red, 4 flashing"),
     "signal_fault": Metric("bool", 0, 1, "controller reports a fault"),
     # security
     "crowd_density": Metric("persons/m2", 0, 12, "estimated crowd density"),
-    "people_count": Metric("persons", 0, 50_000, "people in view"),
+    "people_count": Metric("persons", 0, 50_000, "people in view", exact=True),
     "confidence": Metric("ratio", 0, 1, "analytics confidence of an incident"),
     "door_open": Metric("bool", 0, 1, "door open"),
     # tourism
-    "footfall_in": Metric("persons/interval", 0, 100_000, "people entering"),
-    "footfall_out": Metric("persons/interval", 0, 100_000, "people leaving"),
-    "boats": Metric("boats", 0, 2_000, "boats present"),
-    "visitors_total": Metric("devices", 0, 500_000, "unique devices seen in the window"),
-    **{f"visitors_{cc}": Metric("devices", 0, 500_000, f"unique devices, nationality {cc}")
-       for cc in NATIONALITIES},
+    "footfall_in": Metric("persons/interval", 0, 100_000, "people entering", exact=True),
+    "footfall_out": Metric("persons/interval", 0, 100_000, "people leaving", exact=True),
+    "boats": Metric("boats", 0, 2_000, "boats present", exact=True),
+    "visitors_total": Metric("devices", 0, 500_000, "unique devices seen in the window",
+                             exact=True),
+    **{f"visitors_{cc}": Metric("devices", 0, 500_000, f"unique devices, nationality {cc}",
+                                exact=True) for cc in NATIONALITIES},
     "hotel_occupancy": Metric("ratio", 0, 1, "rooms occupied / rooms available"),
-    "rooms_occupied": Metric("rooms", 0, 10_000, "rooms occupied"),
+    "rooms_occupied": Metric("rooms", 0, 10_000, "rooms occupied", exact=True),
 }
 
 
@@ -173,11 +180,22 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     received_at: int  # epoch ms
     sensor_id: str | None = None
     service: str = "ingest"
+    # A gateway message's refused elements share ONE letter (``payload`` is the whole
+    # message, ``reason`` the first refused element's): how many were refused, and the
+    # first few as "#element reason: detail". 0 and [] for a payload refused whole.
+    bad_readings: int = 0
+    reasons: list[str] = []
 
 
 DEADLETTER_REASONS: tuple[str, ...] = (
     "bad_json", "wrong_type", "missing_field", "out_of_range", "unknown_sensor",
     "unknown_format", "too_old", "in_future", "bad_topic", "too_large", "unsupported_version",
+    # strict decoding (ingest/strict.py): what msgspec alone would let through
+    "bad_encoding",  # bytes that are not UTF-8, anywhere in the payload
+    "duplicate_key",  # a JSON object repeats a key (parsers disagree on which value counts)
+    "too_deep",  # JSON nested deeper than ingest.strict.MAX_DEPTH (32) levels
+    "number_out_of_range",  # a number beyond int64/double: 20+ digits, or exponent >= 100
+    "decode_failed",  # any other exception while decoding one payload: class and message
 )
 
 _dl_encoder = msgspec.json.Encoder()

@@ -11,17 +11,26 @@ organised so that the per-payload Python is as thin as the formats allow:
 4. check every row's event time and every measurement's physical range with numpy over
    the whole batch (rows grouped by their measurement names into 2-D arrays);
 5. build events, or one ``DeadLetter`` per refused payload. A payload is refused whole
-   (all its rows), a gateway element alone: the rest of its gateway batch goes on.
+   (all its rows), a gateway element alone: the rest of its gateway batch goes on, and
+   all refused elements of one gateway message make ONE dead letter (their count and
+   the first ``GATEWAY_REASONS_KEPT`` reasons): a 200 kB message of 100,000 bad
+   elements must not become 100,000 Kafka records.
+
+Before any of that, ``ingest.strict`` holds every payload to what msgspec lets through:
+UTF-8 everywhere, sane numbers, bounded nesting, no duplicate keys.
 
 Nothing a sender can put in a payload or topic makes ``normalize`` raise: every failure
-is a ``Reject`` that becomes a dead letter (a hypothesis test holds us to that).
+is a ``Reject`` that becomes a dead letter, and any other exception while handling one
+message dead-letters that message (``decode_failed``, naming the exception) while the
+rest of the batch goes on (the hypothesis tests in tests/test_ingest_fuzz.py hold us to
+that).
 """
 
 from __future__ import annotations
 
 import base64
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 import numpy as np
@@ -29,8 +38,9 @@ from msgspec.structs import replace
 
 from cityops.registry import Fleet, Sensor
 from cityops.settings import Settings
+from ingest import strict
 from ingest.adapters import Adapter, Reject, Row, all_adapters
-from ingest.adapters.base import reject_from_msgspec
+from ingest.adapters.base import reject_of
 from ingest.contract import METRICS, DeadLetter, Event, Quality, event_id
 
 # Event time ahead of receive time by more than this (but inside the accepted future
@@ -40,6 +50,8 @@ CLOCK_SKEW_TOLERANCE_MS = 2_000
 CLAMP_MARGIN = 0.10
 MAX_INTERVAL_S = 7 * 86_400
 TOPIC_CACHE_SIZE = 100_000
+# Reasons of refused gateway elements kept in their message's one dead letter.
+GATEWAY_REASONS_KEPT = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,23 @@ class _GatewayIds(msgspec.Struct):
 
 
 @dataclass(slots=True)
+class _GatewayRefusals:
+    """The refused elements of one gateway message: counted, the first few kept."""
+
+    gateway: str
+    readings: int  # elements in the message
+    count: int = 0
+    first: list[tuple[int, Reject]] = field(default_factory=list)  # (element, reason)
+
+    def add(self, element: int, rej: Reject) -> None:
+        self.count += 1
+        self.first.append((element, rej))
+        if len(self.first) > 8 * GATEWAY_REASONS_KEPT:  # phases add out of element order
+            self.first.sort(key=lambda er: er[0])
+            del self.first[GATEWAY_REASONS_KEPT:]
+
+
+@dataclass(slots=True)
 class _Item:
     """One payload to decode: a whole device message or one element of a gateway batch."""
 
@@ -96,8 +125,10 @@ def _metric_bounds(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.n
                                                    np.ndarray]:
     lo = np.array([METRICS[n].lo for n in names], dtype=np.float64)
     hi = np.array([METRICS[n].hi for n in names], dtype=np.float64)
+    exact = np.array([METRICS[n].exact for n in names], dtype=bool)
     margin = (hi - lo) * CLAMP_MARGIN
-    return lo, hi, lo - margin, hi + margin
+    # A count below its floor is impossible, not noise: no margin there (see Metric).
+    return lo, hi, np.where(exact, lo, lo - margin), hi + margin
 
 
 class Normalizer:
@@ -120,17 +151,45 @@ class Normalizer:
         # Per sensor, an event with its static fields filled: ``structs.replace`` on it
         # costs a fifth of building an Event from sixteen keyword arguments.
         self._templates: dict[str, Event] = {}
+        self._escapes = True  # this batch has a backslash somewhere (strict.batch_facts)
 
     # -- public ---------------------------------------------------------------------
     def normalize(self, messages: list[InboundMessage]) -> tuple[list[Event], list[DeadLetter]]:
-        """Events in message order, and one dead letter per refused payload."""
+        """Events in message order, and one dead letter per refused payload.
+
+        Never raises for what is in a message: if the batch-wide work fails on something
+        no rule foresaw, the batch is done again one message at a time, and the message
+        that still fails becomes a ``decode_failed`` dead letter naming the exception.
+        """
+        try:
+            return self._normalize(messages)
+        except Exception as exc:
+            if len(messages) == 1:
+                return [], [_dead(messages[0], messages[0].payload, reject_of(exc), None)]
+        events: list[Event] = []
+        dead: list[DeadLetter] = []
+        for msg in messages:
+            try:
+                ev, dl = self._normalize([msg])
+            except Exception as exc:
+                ev, dl = [], [_dead(msg, msg.payload, reject_of(exc), None)]
+            events += ev
+            dead += dl
+        return events, dead
+
+    def _normalize(self, messages: list[InboundMessage]
+                   ) -> tuple[list[Event], list[DeadLetter]]:
         dead: list[tuple[int, DeadLetter]] = []  # (message index, letter)
+        refused: dict[int, _GatewayRefusals] = {}  # message index -> its refused elements
         by_vendor: dict[str, list[_Item]] = defaultdict(list)
+        # Encoding and numbers over the whole batch at once: per message only if flagged.
+        clear, self._escapes = strict.batch_facts([m.payload for m in messages])
         for i, msg in enumerate(messages):
             try:
-                self._route(i, msg, by_vendor, dead)
-            except Reject as rej:
-                dead.append((i, _dead(msg, msg.payload, rej, None)))
+                self._route(i, msg, by_vendor, refused, clear)
+            except Exception as exc:
+                refused.pop(i, None)
+                dead.append((i, _dead(msg, msg.payload, reject_of(exc), None)))
         # Decode per vendor, then rows per item.
         item_rows: list[tuple[_Item, list[Row]]] = []
         for vendor, items in by_vendor.items():
@@ -148,31 +207,36 @@ class Normalizer:
                                      f"{adapter.sensor_of(rec)[:80]!r}, topic names "
                                      f"{it.sensor.sensor_id!r}")
                     item_rows.append((it, adapter.rows(rec)))
-                except Reject as rej:
-                    msg = messages[it.msg]
-                    dead.append((it.msg, _dead(msg, it.raw, rej, it.sensor.sensor_id,
-                                               it.where)))
                 except Exception as exc:  # an adapter bug must not lose the rest of the batch
-                    msg = messages[it.msg]
-                    dead.append((it.msg, _dead(msg, it.raw, Reject(
-                        "wrong_type", f"{type(exc).__name__}: {exc}"), it.sensor.sensor_id,
-                        it.where)))
+                    self._refuse(messages, it, reject_of(exc), dead, refused)
         item_rows.sort(key=lambda ir: ir[0].msg)  # events leave in arrival order
-        events = self._check_and_build(messages, item_rows, dead)
-        dead.sort(key=lambda d: d[0])  # stable: gateway elements keep their order
+        events = self._check_and_build(messages, item_rows, dead, refused)
+        dead += [(i, _gateway_dead(messages[i], r)) for i, r in refused.items() if r.count]
+        dead.sort(key=lambda d: d[0])  # stable: a message's letters keep their order
         return events, [d for _, d in dead]
+
+    def _refuse(self, messages: list[InboundMessage], it: _Item, rej: Reject,
+                dead: list[tuple[int, DeadLetter]],
+                refused: dict[int, _GatewayRefusals]) -> None:
+        """A refused item: a device payload's own dead letter, or one more refused
+        element in its gateway message's letter."""
+        if it.gateway is not None:
+            refused[it.msg].add(it.element, rej)
+        else:
+            dead.append((it.msg, _dead(messages[it.msg], it.raw, rej, it.sensor.sensor_id)))
 
     # -- routing --------------------------------------------------------------------
     def _route(self, i: int, msg: InboundMessage, out: dict[str, list[_Item]],
-               dead: list[tuple[int, DeadLetter]]) -> None:
-        if len(msg.payload) > self.max_payload:
-            raise Reject("too_large", f"payload is {len(msg.payload)} bytes, "
+               refused: dict[int, _GatewayRefusals], clear: bool) -> None:
+        payload = msg.payload
+        if len(payload) > self.max_payload:
+            raise Reject("too_large", f"payload is {len(payload)} bytes, "
                                       f"limit {self.max_payload}")
         routed = self._topics.get(msg.topic)
         if routed is None:
             parts = msg.topic.split("/")
             if len(parts) == 4 and parts[0] == self.root and parts[2] == "gateway":
-                self._route_gateway(i, msg, parts[3], out, dead)
+                self._route_gateway(i, msg, parts[3], out, refused, clear)
                 return
             try:
                 routed = self._device_topic(msg.topic, parts)
@@ -183,7 +247,10 @@ class Normalizer:
             self._topics[msg.topic] = routed
         if isinstance(routed, Reject):
             raise routed
-        out[routed.vendor].append(_Item(i, msg.payload, routed))
+        if not clear:
+            strict.check_bytes(payload)
+        strict.check_json(payload, escapes=self._escapes)
+        out[routed.vendor].append(_Item(i, payload, routed))
 
     def _device_topic(self, topic: str, parts: list[str]) -> Sensor:
         if len(parts) != 5 or parts[0] != self.root:
@@ -201,24 +268,47 @@ class Normalizer:
         return sensor
 
     def _route_gateway(self, i: int, msg: InboundMessage, gw: str,
-                       out: dict[str, list[_Item]], dead: list[tuple[int, DeadLetter]]
-                       ) -> None:
+                       out: dict[str, list[_Item]], refused: dict[int, _GatewayRefusals],
+                       clear: bool) -> None:
+        payload = msg.payload
+        suspect: Reject | None = None
         try:
-            env = self._gateway.decode(msg.payload)
-        except msgspec.DecodeError as exc:
-            raise reject_from_msgspec(exc) from None
+            if not clear:
+                strict.check_bytes(payload)
+        except Reject as rej:  # refuse only the elements at fault, if any is
+            suspect = rej
+        try:
+            env = self._gateway.decode(payload)
+        except Exception as exc:  # RecursionError: an element deeper than msgspec recurses
+            raise reject_of(exc) from None
         if env.gateway != gw:
             raise Reject("bad_topic", f"payload names gateway {env.gateway[:80]!r}, "
                                       f"topic names {gw[:80]!r}")
         try:
             probes: list[_IdProbe | str | None] = list(
-                self._gateway_ids.decode(msg.payload).readings)
-        except msgspec.DecodeError:
+                self._gateway_ids.decode(payload).readings)
+        except Exception:
             probes = [None] * len(env.readings)  # some element is odd: probe one by one
+        raws = [bytes(span) for span in env.readings]
+        at_fault: dict[int, Reject] = {}
+        if suspect is not None:
+            for n, raw in enumerate(raws):
+                try:
+                    strict.check_bytes(raw)
+                except Reject as rej:
+                    at_fault[n] = rej
+            if not at_fault:
+                raise suspect  # the envelope's own bytes: the whole message
+        opened = [strict.brackets(raw) for raw in raws]
+        self._check_envelope(payload, env, raws, opened)
         fleet = self.fleet
-        for n, (span, probe) in enumerate(zip(env.readings, probes, strict=True)):
-            raw = bytes(span)
+        bad = refused[i] = _GatewayRefusals(gw, len(raws))
+        for n, (raw, probe, opens) in enumerate(zip(raws, probes, opened, strict=True)):
             try:
+                if n in at_fault:
+                    raise at_fault[n]
+                # Two levels are the envelope's: an element may nest MAX_DEPTH - 2.
+                strict.check_json(raw, strict.MAX_DEPTH - 2, opens, self._escapes)
                 sid, raw = self._element_sensor(raw, probe)
                 sensor = fleet.get(sid)
                 if sensor is None:
@@ -226,10 +316,28 @@ class Normalizer:
                 if (sensor.vendor == "compact") != (probe.__class__ is str or
                                                     raw.startswith(b"C1|")):
                     raise Reject("unknown_format", f"element is not in {sensor.vendor} format")
-            except Reject as rej:
-                dead.append((i, _dead(msg, raw, rej, None, f"gateway {gw} reading #{n}: ")))
+            except Exception as exc:
+                bad.add(n, reject_of(exc))
                 continue
             out[sensor.vendor].append(_Item(i, raw, sensor, gw, n))
+
+    @staticmethod
+    def _check_envelope(payload: bytes, env: _Gateway, raws: list[bytes],
+                        opened: list[int]) -> None:
+        """Depth and duplicate keys of the envelope itself, by arithmetic on the elements.
+
+        Whatever is not inside an element is the envelope's; in a plain envelope that is
+        two brackets (the object and the readings array) and one colon per key msgspec
+        saw (``gateway``, ``readings``, maybe ``sent_at``). Then no key can repeat, and
+        it nests no deeper than its deepest element plus two: no need to scan it. Anything
+        else (an extra field, a colon in the gateway id) gets the exact checks.
+        """
+        own_brackets = strict.brackets(payload) - sum(opened)
+        own_colons = payload.count(b":") - sum(raw.count(b":") for raw in raws)
+        if own_brackets != 2:
+            strict.check_depth(payload)
+        if own_colons != 2 + (env.sent_at is not None):
+            strict.check_keys(payload)
 
     def _element_sensor(self, raw: bytes, probe: _IdProbe | str | None) -> tuple[str, bytes]:
         """The sensor id of one gateway element, and the bytes its adapter decodes."""
@@ -239,8 +347,6 @@ class Normalizer:
             except msgspec.ValidationError:
                 raise Reject("unknown_format", f"gateway element is neither a JSON object "
                                                f"nor a compact line: {raw[:40]!r}") from None
-            except msgspec.DecodeError as exc:
-                raise reject_from_msgspec(exc) from None
         if isinstance(probe, str):  # a compact line carried as a JSON string
             fields = probe.split("|", 2)
             if len(fields) < 3:
@@ -256,7 +362,8 @@ class Normalizer:
     # -- vectorized checks ------------------------------------------------------------
     def _check_and_build(self, messages: list[InboundMessage],
                          item_rows: list[tuple[_Item, list[Row]]],
-                         dead: list[tuple[int, DeadLetter]]) -> list[Event]:
+                         dead: list[tuple[int, DeadLetter]],
+                         refused: dict[int, _GatewayRefusals]) -> list[Event]:
         rows: list[Row] = []
         owner: list[int] = []  # row -> index into item_rows
         for k, (_, rs) in enumerate(item_rows):
@@ -291,9 +398,7 @@ class Normalizer:
             r = reason[j]
             if r is not None and owner[j] not in bad_items:
                 bad_items.add(owner[j])
-                it = item_rows[owner[j]][0]
-                dead.append((it.msg, _dead(messages[it.msg], it.raw, Reject(*r),
-                                           it.sensor.sensor_id, it.where)))
+                self._refuse(messages, item_rows[owner[j]][0], Reject(*r), dead, refused)
         events: list[Event] = []
         q = quality.tolist()
         for j, row in enumerate(rows):
@@ -337,8 +442,13 @@ class Normalizer:
             bad_rows = ~inside_tol.all(axis=1)
             for r in np.flatnonzero(bad_rows).tolist():
                 c = int(np.flatnonzero(~inside_tol[r])[0])
-                reason[idx[r]] = ("out_of_range", f"{names[c]} = {vals[r, c]!r} outside "
-                                  f"{METRICS[names[c]].lo:g}..{METRICS[names[c]].hi:g} "
+                metric, value = METRICS[names[c]], float(vals[r, c])
+                if metric.exact and value < metric.lo:
+                    reason[idx[r]] = ("out_of_range", f"{names[c]} = {value!r}: a count "
+                                      f"cannot be negative")
+                    continue
+                reason[idx[r]] = ("out_of_range", f"{names[c]} = {value!r} outside "
+                                  f"{metric.lo:g}..{metric.hi:g} "
                                   f"by more than {CLAMP_MARGIN:.0%}")
             clamp_rows = np.flatnonzero(outside.any(axis=1) & ~bad_rows)
             if clamp_rows.size:
@@ -350,11 +460,33 @@ class Normalizer:
 
 
 def _dead(msg: InboundMessage, raw: bytes, rej: Reject, sensor_id: str | None,
-          where: str = "") -> DeadLetter:
+          **extra: object) -> DeadLetter:
     try:
         payload, encoding = raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         payload, encoding = base64.b64encode(raw).decode("ascii"), "base64"
-    return DeadLetter(reason=rej.reason, detail=where + rej.detail, mqtt_topic=msg.topic,
+    return DeadLetter(reason=rej.reason, detail=_text(rej.detail), mqtt_topic=_text(msg.topic),
                       payload=payload, payload_encoding=encoding, received_at=msg.received_at,
-                      sensor_id=sensor_id)
+                      sensor_id=sensor_id, **extra)  # type: ignore[arg-type]
+
+
+def _gateway_dead(msg: InboundMessage, r: _GatewayRefusals) -> DeadLetter:
+    """The one dead letter of a gateway message's refused elements: the whole message
+    (its raw bytes, so nothing is lost), how many were refused, the first reasons. Its
+    reason is the first refused element's, so per-reason counts still say what broke."""
+    first = sorted(r.first, key=lambda er: er[0])[:GATEWAY_REASONS_KEPT]
+    reasons = [_text(f"#{n} {rej.reason}: {rej.detail}")[:300] for n, rej in first]
+    detail = (f"gateway {r.gateway[:80]}: {r.count} of {r.readings} readings refused "
+              f"(the others went on); first: " + "; ".join(reasons))
+    return _dead(msg, msg.payload, Reject(first[0][1].reason, detail), None,
+                 bad_readings=r.count, reasons=reasons)
+
+
+def _text(s: str) -> str:
+    """``s`` as text Kafka's JSON can carry: a lone surrogate (from a topic or an
+    exception message) would make encoding the dead letter itself fail."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s

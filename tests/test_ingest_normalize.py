@@ -194,7 +194,7 @@ def bad_cases(fleet: Fleet, t: int = T) -> list[tuple[str, str, bytes, str]]:
     lane = samples.saomai_lane(sa.sensor_id, T)
     return [
         ("not json", t_sa, b"{not json", "bad_json"),
-        ("binary", t_sa, b"\xff\xfe\x00garbage", "bad_json"),
+        ("binary", t_sa, b"\xff\xfe\x00garbage", "bad_encoding"),
         ("ts is a string", t_sa, json.dumps({**lane, "ts": "yesterday"}).encode(), "wrong_type"),
         ("json array", t_sa, b"[1, 2, 3]", "wrong_type"),
         ("no ts", t_sa, json.dumps({k: v for k, v in lane.items() if k != "ts"}).encode(),
@@ -269,11 +269,14 @@ def test_one_bad_gateway_element_is_dead_lettered_alone(norm: Normalizer, fleet:
     events, dead = norm.normalize([InboundMessage(topic, payload, RECV)])
     assert [e.sensor_id for e in events] == [s.sensor_id for i, s in enumerate(members)
                                              if i not in (1, 3)]
-    assert sorted(d.reason for d in dead) == ["unknown_format", "unknown_sensor", "wrong_type"]
-    by_reason = {d.reason: d for d in dead}
-    assert "reading #1" in by_reason["wrong_type"].detail
-    assert json.loads(by_reason["wrong_type"].payload)["avgSpeedMs"] == "fast"
-    assert all(d.mqtt_topic == topic for d in dead)
+    # One letter for the message (issue 14: no amplification), first element's reason.
+    assert len(dead) == 1
+    d = dead[0]
+    assert (d.reason, d.bad_readings, d.mqtt_topic) == ("wrong_type", 3, topic)
+    assert [r.split(":")[0] for r in d.reasons] == [
+        "#1 wrong_type", "#3 unknown_sensor", f"#{len(members)} unknown_format"]
+    assert f"3 of {len(members) + 1} readings refused" in d.detail
+    assert json.loads(d.payload)["readings"][1]["avgSpeedMs"] == "fast"  # the whole message
     # A broken envelope refuses the whole message.
     _, dead = norm.normalize([InboundMessage(topic, b'{"gateway": "x"', RECV)])
     assert [d.reason for d in dead] == ["bad_json"]
@@ -327,6 +330,195 @@ def test_duplicate_window_drops_resends_and_stays_bounded(norm: Normalizer,
     for k in range(0, 100, 5):
         small.filter(many[k:k + 5], RECV + k * 4000)  # a new bucket every 15 s
     assert len(small) <= 10 + 5 * 4
+
+
+# -- poison messages (issue 14): nothing one message holds stops the batch ----------------
+def _lane_bytes(fleet: Fleet, t: int = T) -> tuple[str, bytes]:
+    sa = sensor(fleet, "saomai", "lane_detector")
+    return samples.topic_of(sa), json.dumps(samples.saomai_lane(sa.sensor_id, t)).encode()
+
+
+def _with_extra(payload: bytes, extra: bytes) -> bytes:
+    """The JSON object ``payload`` with ``extra`` (``"key": value`` bytes) appended."""
+    return payload[:-1] + b", " + extra + b"}"
+
+
+def poison_elements(fleet: Fleet, t: int = T) -> list[tuple[str, bytes, str]]:
+    """(name, one saomai lane payload, expected reason): inputs that escaped the adapters'
+    error handling (or were stored) before issue 14. Each fits in a gateway element too."""
+    _, lane = _lane_bytes(fleet, t)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    return [
+        ("100k-deep array in an unknown field", _with_extra(lane, b'"extra": ' + deep),
+         "too_deep"),
+        ("33-deep objects in an unknown field", _with_extra(lane, b'"extra": ' + b'{"a":' * 33
+                                                           + b"1" + b"}" * 33), "too_deep"),
+        ("invalid UTF-8 in the sensor id", lane.replace(b'"sensor": "', b'"sensor": "\xff'),
+         "bad_encoding"),
+        ("invalid UTF-8 in an unknown field", _with_extra(lane, b'"note": "caf\xe9"'),
+         "bad_encoding"),
+        ("invalid UTF-8 in a key", _with_extra(lane, b'"\xc3\x28": 1'), "bad_encoding"),
+        ("400-digit count", lane.replace(b'"motorbike": 120', b'"motorbike": ' + b"9" * 400),
+         "number_out_of_range"),
+        ("400-digit event time", lane.replace(str(t).encode(), b"9" * 400),
+         "number_out_of_range"),
+        ("400-digit interval", lane.replace(b'"interval_s": 60', b'"interval_s": ' + b"9" * 400),
+         "number_out_of_range"),
+        ("-400-digit interval", lane.replace(b'"interval_s": 60',
+                                             b'"interval_s": -' + b"9" * 400),
+         "number_out_of_range"),
+        ("speed 1e400", lane.replace(b'"speed_kmh": 32.5', b'"speed_kmh": 1e400'),
+         "number_out_of_range"),
+        ("400-digit number in an unknown field", _with_extra(lane, b'"x": ' + b"7" * 400),
+         "number_out_of_range"),
+        ("duplicate key", _with_extra(lane, b'"speed_kmh": 99'), "duplicate_key"),
+        ("duplicate nested key", lane.replace(b'"car": 14', b'"car": 14, "car": 15'),
+         "duplicate_key"),
+        ("duplicate key spelled with an escape", _with_extra(lane, b'"speed_km\\u0068": 99'),
+         "duplicate_key"),
+        ("small negative count", lane.replace(b'"motorbike": 120', b'"motorbike": -3'),
+         "out_of_range"),
+    ]
+
+
+def gateway_bytes(gw: str, t: int, elements: list[bytes], sep: bytes = b", ") -> bytes:
+    """A gateway message around raw element bytes (which ``json.dumps`` could not write)."""
+    return (b'{"gateway": "%s", "sent_at": %d, "readings": [' % (gw.encode(), t)
+            + sep.join(elements) + b"]}")
+
+
+def test_poison_payloads_are_dead_lettered_with_their_own_reason(norm: Normalizer,
+                                                                 fleet: Fleet) -> None:
+    topic, _ = _lane_bytes(fleet)
+    good = [samples.one_of_each(fleet)[k] for k in (("saomai", "lane_detector"),
+                                                     ("probenet", "wifi_probe"))]
+    cases = poison_elements(fleet)
+    batch: list[InboundMessage] = []
+    for _, payload, _ in cases:
+        batch += [InboundMessage(*samples.device_message(s, T), RECV) for s in good]
+        batch.append(InboundMessage(topic, payload, RECV))
+    events, dead = norm.normalize(batch)
+    assert [(d.mqtt_topic, d.reason) for d in dead] == [(topic, r) for *_, r in cases], \
+        [(name, d.reason, d.detail[:120]) for (name, *_), d in zip(cases, dead, strict=False)]
+    assert len(events) == len(cases) * len(good)
+    for d, (name, payload, _) in zip(dead, cases, strict=True):
+        assert d.reason in DEADLETTER_REASONS and d.detail, name
+        raw = d.payload.encode() if d.payload_encoding == "utf-8" else \
+            __import__("base64").b64decode(d.payload)
+        assert raw == payload, name  # the raw bytes, intact
+
+
+def test_poison_gateway_elements_are_dead_lettered_and_the_rest_goes_on(
+        norm: Normalizer, fleet: Fleet) -> None:
+    sa = sensor(fleet, "saomai", "lane_detector")
+    gw = "gw-poison-test"  # ingest routes elements by their own sensor id
+    topic = f"city/{sa.district}/gateway/{gw}"
+    for name, element, reason in poison_elements(fleet):
+        good = samples.encode(samples.saomai_lane(sa.sensor_id, T + 1))
+        payload = gateway_bytes(gw, T, [good, element, good.replace(b"%d" % (T + 1),
+                                                                    b"%d" % (T + 2))])
+        if len(payload) > 256 * 1024:
+            continue
+        events, dead = norm.normalize([InboundMessage(topic, payload, RECV)])
+        if name.startswith("100k-deep"):  # deeper than msgspec can even skip: the
+            assert events == [] and [d.reason for d in dead] == ["too_deep"]  # whole message
+            continue
+        assert [e.event_time for e in events] == [T + 1, T + 2], name
+        assert [d.reason for d in dead] == [reason], (name, [d.detail[:200] for d in dead])
+        assert dead[0].bad_readings == 1 and "#1" in dead[0].detail, name
+
+
+def test_poison_in_the_gateway_envelope_refuses_the_message(norm: Normalizer,
+                                                           fleet: Fleet) -> None:
+    sa = sensor(fleet, "saomai", "lane_detector")
+    topic = f"city/{sa.district}/gateway/gw-env"
+    good = samples.encode(samples.saomai_lane(sa.sensor_id, T))
+    env = gateway_bytes("gw-env", T, [good])
+    cases = [
+        (_with_extra(env, b'"extra": ' + b"[" * 50_000 + b"]" * 50_000), "too_deep"),
+        (_with_extra(env, b'"note": "\xff"'), "bad_encoding"),
+        (_with_extra(env, b'"gateway": "gw-env"'), "duplicate_key"),
+        (env.replace(b'"sent_at": %d' % T, b'"sent_at": ' + b"9" * 400), "number_out_of_range"),
+    ]
+    for payload, reason in cases:
+        events, dead = norm.normalize([InboundMessage(topic, payload, RECV)])
+        assert events == [] and [d.reason for d in dead] == [reason], dead
+
+
+def test_any_exception_while_decoding_one_message_dead_letters_only_it(
+        norm: Normalizer, fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever an adapter or the batch-wide checks raise: that message becomes a dead
+    letter naming the exception, and the rest of the batch goes on."""
+    s = sensor(fleet, "saomai", "lane_detector")
+    adapter = norm.adapters["saomai"]
+    real_rows = adapter.rows
+
+    def rows(rec):  # type: ignore[no-untyped-def]
+        if rec.ts == T + 13:
+            raise ZeroDivisionError("boom in rows")
+        return real_rows(rec)
+
+    monkeypatch.setattr(adapter, "rows", rows)
+    batch = [msg(s, samples.saomai_lane(s.sensor_id, T + i)) for i in range(20)]
+    events, dead = norm.normalize(batch)
+    assert len(events) == 19 and [d.reason for d in dead] == ["decode_failed"]
+    assert "ZeroDivisionError: boom in rows" in dead[0].detail
+    monkeypatch.undo()
+
+    real_check = Normalizer._check_and_build
+
+    def check(self, messages, *rest):  # type: ignore[no-untyped-def]
+        if any(m.payload.endswith(b"poison") for m in messages):
+            raise MemoryError("the batch-wide step failed")
+        return real_check(self, messages, *rest)
+
+    monkeypatch.setattr(Normalizer, "_check_and_build", check)
+    batch.insert(7, msg(s, b'{"sensor": "x"} poison'))
+    events, dead = norm.normalize(batch)
+    assert len(events) == 20
+    assert [d.reason for d in dead] == ["decode_failed"]
+    assert "MemoryError: the batch-wide step failed" in dead[0].detail
+
+
+def test_gateway_bad_readings_become_one_dead_letter_per_message(norm: Normalizer,
+                                                                fleet: Fleet) -> None:
+    """Amplification: a 200 kB gateway message of bad readings is one dead letter (with the
+    count and the first reasons), not 100,000; its good readings still go on."""
+    gw, members = next(iter(fleet.gateways().items()))
+    docs = [samples.reading(s, T) for s in members]
+    good = [json.dumps(d).encode() for d in docs]
+    elements = good[:1] + [b"0"] * 100_000 + good[1:]
+    payload = gateway_bytes(gw, T, elements, b",")
+    assert 200_000 < len(payload) < 256 * 1024
+    topic = samples.gateway_topic(members[0].district, gw)
+    events, dead = norm.normalize([InboundMessage(topic, payload, RECV)])
+    assert [e.sensor_id for e in events] == [s.sensor_id for s in members]
+    assert len(dead) == 1
+    d = dead[0]
+    assert d.reason == "unknown_format" and d.bad_readings == 100_000
+    assert len(d.reasons) == 5 and all(r.startswith("#") for r in d.reasons)
+    assert d.reasons[0].startswith("#1 unknown_format")
+    assert "100000 of 100" in d.detail.replace(",", "")
+    assert d.payload.encode() == payload  # the whole message, intact
+
+
+def test_negative_count_is_refused_but_a_noisy_ratio_is_still_clamped(
+        norm: Normalizer, fleet: Fleet) -> None:
+    """Counts are exact: -1 vehicles is impossible, not noise (no vendor documents sending
+    it), so it is refused. Measured quantities near their bound keep the clamp."""
+    s = sensor(fleet, "saomai", "lane_detector")
+    lane = samples.saomai_lane(s.sensor_id, T)
+    for counts in ({"motorbike": -1, "car": 0, "truck": 0, "bus": 0},
+                   {"motorbike": 10, "car": 0, "truck": -1, "bus": 0}):
+        events, dead = norm.normalize([msg(s, {**lane, "counts": counts})])
+        assert events == [] and [d.reason for d in dead] == ["out_of_range"]
+        assert "negative" in dead[0].detail
+    v = sensor(fleet, "visitcount", "footfall_counter")
+    _, dead = norm.normalize([msg(v, {**samples.visitcount_footfall(v.sensor_id, T),
+                                      "out": -2})])
+    assert [d.reason for d in dead] == ["out_of_range"]
+    ev = only_event(norm, msg(s, {**lane, "occupancy_pct": -3}))
+    assert ev.quality == Quality.CLAMPED and ev.measurements["occupancy"] == 0.0
 
 
 # -- hypothesis: garbage never escapes the dead-letter path --------------------------------

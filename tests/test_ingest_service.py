@@ -32,7 +32,7 @@ from ingest.contract import decode_deadletter, decode_event
 from ingest.normalize import InboundMessage, Normalizer
 from ingest.service import IngestService
 from tests.support import free_port, topic_partitions
-from tests.test_ingest_normalize import bad_cases
+from tests.test_ingest_normalize import bad_cases, gateway_bytes, poison_elements
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -289,6 +289,113 @@ async def test_malformed_input_lands_in_deadletter_topic_with_reason(
     for reason, count in Counter(r for *_, r in cases).items():  # the Prometheus counters
         assert REGISTRY.get_sample_value("cityops_ingest_rejections_total",
                                          {"reason": reason}) == before[reason] + count
+
+
+async def test_poison_messages_are_dead_lettered_and_ingest_stays_up(
+        settings: Settings, fleet: Fleet) -> None:
+    """Issue 14 through Mosquitto and Kafka: each poison payload (which used to raise out
+    of the service, or was stored) becomes its dead letter with its own reason, the good
+    traffic around it is all in Kafka, every message is acknowledged, and the service is
+    still running; a gateway message of 1,000 bad elements is ONE dead letter."""
+    st = own_group(settings)
+    t0 = base_time()
+    sa = next(s for s in fleet if s.vendor == "saomai" and s.type == "lane_detector"
+              and s.gateway is None)
+    cases = [(samples.topic_of(sa), p, r) for _, p, r in poison_elements(fleet, t0)]
+    gw, members = next(iter(fleet.gateways().items()))
+    amplifier = gateway_bytes(gw, t0, [json_bytes(samples.reading(m, t0)) for m in members]
+                              + [b"0"] * 1_000)
+    cases.append((samples.gateway_topic(members[0].district, gw), amplifier, "unknown_format"))
+    goods = [s for s in fleet if s.gateway is None][:len(cases)]
+    msgs: list[tuple[str, bytes]] = []
+    for (topic, payload, _), s in zip(cases, goods, strict=True):
+        msgs += [samples.device_message(s, t0), (topic, payload)]
+    expected_good, _ = Normalizer(fleet, st).normalize(
+        [InboundMessage(t, p, t0) for t, p in msgs[::2]])
+    good_ids = {e.event_id for e in expected_good} | {
+        e.event_id for e in Normalizer(fleet, st).normalize(
+            [InboundMessage(cases[-1][0], amplifier, t0)])[0]}
+    mine = {p: r for _, p, r in cases}
+    service = IngestService(st, f"poison-{uuid.uuid4().hex[:6]}")
+    async with KafkaReader(st, st.topics.events) as events, \
+            KafkaReader(st, st.topics.deadletter) as dlq:
+        task = await running(service)
+        try:
+            await asyncio.to_thread(publish_all, st, msgs)
+
+            def mine_of(rs: list) -> list:
+                letters = [decode_deadletter(r.value) for r in rs]
+                return [d for d in letters if _dl_raw(d) in mine]
+
+            letters = mine_of(await dlq.until(lambda rs: len(mine_of(rs)) >= len(cases)))
+            recs = await events.until(
+                lambda rs: good_ids <= {decode_event(r.value).event_id for r in rs})
+            await eventually(lambda: service.stats.acked_messages >= len(msgs), 60,
+                             service.stats)
+            assert not task.done(), "ingest stopped on a poison message"
+        finally:
+            await stop(service, task)
+    assert sorted((d.reason, _dl_raw(d)) for d in letters) == sorted(
+        (r, p) for _, p, r in cases)  # one letter each, with its own reason
+    assert all(d.detail for d in letters)
+    assert next(d for d in letters if _dl_raw(d) == amplifier).bad_readings == 1_000
+    assert good_ids <= {decode_event(r.value).event_id for r in recs}
+    assert service.stats.acked_messages == len(msgs)
+
+
+async def test_a_batch_of_only_dead_letters_is_acknowledged_after_kafka_has_them(
+        fleet: Fleet) -> None:
+    """The ack-after-Kafka path covers dead letters: a batch that produced no event at
+    all (every message poison) is acknowledged to MQTT only once Kafka acknowledged its
+    dead letters. No broker needed: a producer whose acknowledgement the test releases."""
+    from ingest.mqtt import MqttBatch
+
+    class Producer:
+        generation = 0
+
+        def __init__(self) -> None:
+            self.kafka_ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.handed: list = []
+
+        async def submit(self, events: list, dead: list) -> asyncio.Future[None]:
+            self.handed.append((events, dead))
+            return self.kafka_ack
+
+    class Source:
+        def __init__(self) -> None:
+            self.acked: list[MqttBatch] = []
+
+        def ack(self, batch: MqttBatch) -> bool:
+            self.acked.append(batch)
+            return True
+
+    service = IngestService(Settings(), "ack-dl", fleet=fleet)
+    sa = next(s for s in fleet if s.vendor == "saomai" and s.type == "lane_detector")
+    batch = MqttBatch([InboundMessage(samples.topic_of(sa), p, int(time.time() * 1000))
+                       for _, p, _ in poison_elements(fleet)], acks=[(1, 1)])
+    producer, source = Producer(), Source()
+    pipeline: asyncio.Queue = asyncio.Queue()
+    await pipeline.put(await service._process(batch, producer))  # type: ignore[arg-type]
+    await pipeline.put(None)
+    acker = asyncio.create_task(service._ack_in_order(source, pipeline, producer))  # type: ignore[arg-type]
+    await asyncio.sleep(0.2)
+    [(events, dead)] = producer.handed
+    assert events == [] and len(dead) == len(batch.messages)
+    assert source.acked == [] and not acker.done()  # Kafka has not acknowledged yet
+    producer.kafka_ack.set_result(None)
+    await asyncio.wait_for(acker, 5)
+    assert source.acked == [batch]
+    assert service.stats.acked_messages == len(batch.messages)
+
+
+def json_bytes(doc: dict | str) -> bytes:
+    import json
+    return json.dumps(doc).encode()
+
+
+def _dl_raw(d: object) -> bytes:
+    import base64
+    return d.payload.encode() if d.payload_encoding == "utf-8" else base64.b64decode(d.payload)  # type: ignore[attr-defined]
 
 
 async def test_resent_reading_is_dropped_as_duplicate(settings: Settings, fleet: Fleet) -> None:

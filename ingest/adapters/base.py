@@ -46,9 +46,30 @@ def reject_from_msgspec(exc: Exception) -> Reject:
         return Reject("bad_json", text)
     if "missing required field" in text:
         return Reject("missing_field", text)
-    if "Number out of range" in text:
-        return Reject("out_of_range", text)
+    if "Number out of range" in text:  # beyond a double: not a value, a broken number
+        return Reject("number_out_of_range", text)
     return Reject("wrong_type", text)
+
+
+def reject_of(exc: BaseException) -> Reject:
+    """The dead-letter reason for any exception raised while decoding one payload.
+
+    The expected ones keep their reason; an exception nobody foresaw (an adapter bug, a
+    library's limit) becomes ``decode_failed`` naming its class and message, so one odd
+    payload costs one dead letter and an operator can see what broke.
+    """
+    if isinstance(exc, Reject):
+        return exc
+    what = f"{type(exc).__name__}: {exc}"[:300]
+    if isinstance(exc, msgspec.DecodeError):
+        return reject_from_msgspec(exc)
+    if isinstance(exc, RecursionError):
+        return Reject("too_deep", what)
+    if isinstance(exc, UnicodeError):
+        return Reject("bad_encoding", what)
+    if isinstance(exc, OverflowError):
+        return Reject("number_out_of_range", what)
+    return Reject("decode_failed", what)
 
 
 def epoch_ms(dt: datetime) -> int:
@@ -74,8 +95,8 @@ class Adapter:
         """Decode one payload; raises ``Reject``."""
         try:
             return self._one.decode(raw)
-        except msgspec.DecodeError as exc:  # ValidationError is a subclass
-            raise reject_from_msgspec(exc) from None
+        except Exception as exc:  # msgspec's errors, and RecursionError, UnicodeDecodeError...
+            raise reject_of(exc) from None
 
     def decode_batch(self, raws: list[bytes], whole: bool = False) -> list[Any]:
         """Decode many payloads; each result is a record or the ``Reject`` for that payload.
@@ -92,7 +113,7 @@ class Adapter:
             try:
                 records = self._many.decode(joined)
                 spans = None if whole else self._spans.decode(joined)
-            except msgspec.DecodeError:
+            except Exception:  # one by one below names the payload and its reason
                 pass
             else:
                 if len(records) == len(raws) and (spans is None or all(
@@ -106,8 +127,8 @@ class Adapter:
         for raw in raws:
             try:
                 out.append(self.decode_one(raw))
-            except Reject as rej:
-                out.append(rej)
+            except Exception as exc:
+                out.append(reject_of(exc))
         return out
 
     def sensor_of(self, record: Any) -> str:
