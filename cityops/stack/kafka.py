@@ -165,6 +165,7 @@ def server_properties(settings: Settings, data_dir: Path) -> str:
         "num.io.threads=4",
         "num.recovery.threads.per.data.dir=2",
         "log.retention.check.interval.ms=60000",
+        "metadata.max.idle.interval.ms=5000",
         # Flushing stays with the OS (Kafka's default): see the module docstring.
         "",
     ])
