@@ -178,6 +178,9 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
 DEADLETTER_REASONS: tuple[str, ...] = (
     "bad_json", "wrong_type", "missing_field", "out_of_range", "unknown_sensor",
     "unknown_format", "too_old", "in_future", "bad_topic", "too_large", "unsupported_version",
+    # The payload names a sensor its topic's device does not own: a sensor reporting for
+    # another, or a gateway for a sensor not behind it in the registry.
+    "not_owner",
 )
 
 _dl_encoder = msgspec.json.Encoder()
