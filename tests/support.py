@@ -76,15 +76,18 @@ def injector(settings: Settings) -> tuple[str, str]:
     return ident.name, ident.password
 
 
+NOT_AUTHORIZED = 135  # CONNACK 5 of MQTT 3.1.1, as paho 2 reports it (MQTT 5's code)
+
+
 def mqtt_login(settings: Settings, username: str, password: str) -> int:
-    """Connect once and return the CONNACK reason code (0 = accepted, 5 = not authorized)."""
+    """Connect once and return the CONNACK reason code (0 = accepted, NOT_AUTHORIZED)."""
     import paho.mqtt.client as paho
 
     got: list[int] = []
-    c = paho.Client(paho.CallbackAPIVersion.VERSION1, client_id=f"login-{new_secret()[:10]}",
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"login-{new_secret()[:10]}",
                     protocol=paho.MQTTv311)
     c.username_pw_set(username, password)
-    c.on_connect = lambda _c, _u, _f, rc: got.append(rc)
+    c.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc.value)
     c.connect(settings.mqtt_host, settings.mqtt_port)
     deadline = time.monotonic() + 5
     while not got and time.monotonic() < deadline:

@@ -42,7 +42,7 @@ from ingest import samples
 from ingest.contract import DEADLETTER_REASONS, decode_deadletter, decode_event
 from ingest.normalize import InboundMessage, Normalizer
 from ingest.service import IngestService
-from tests.support import isolated_settings, mqtt_login, wait_for_login
+from tests.support import NOT_AUTHORIZED, isolated_settings, mqtt_login, wait_for_login
 from tests.test_ingest_service import KafkaReader, base_time, own_group, running, stop
 
 pytestmark = pytest.mark.timeout(180)
@@ -284,7 +284,7 @@ def test_revoked_credentials_are_refused_at_the_next_connect(private_broker: Set
     store = DeviceStore.load(s)
     a, b = [i for i in store.identities.values() if i.kind == "sensor"][:2]
     assert mqtt_login(s, a.name, a.password) == 0
-    assert mqtt_login(s, a.name, "wrong") == 5
+    assert mqtt_login(s, a.name, "wrong") == NOT_AUTHORIZED
     connected = []
     other = paho.Client(CallbackAPIVersion.VERSION2, client_id="bystander")
     other.username_pw_set(b.name, b.password)
@@ -295,7 +295,7 @@ def test_revoked_credentials_are_refused_at_the_next_connect(private_broker: Set
         res = cli(s, "revoke", a.name)
         assert res.returncode == 0 and "broker reloaded" in res.stdout, res.stderr
         wait_for_login(s, a.name, a.password, accepted=False)
-        assert mqtt_login(s, a.name, a.password) == 5  # CONNACK: not authorized
+        assert mqtt_login(s, a.name, a.password) == NOT_AUTHORIZED  # CONNACK
         assert other.is_connected() and connected == ["Success"]  # bystanders keep going
         listed = cli(s, "list").stdout
         assert any(ln.split()[:2] == [a.name, "revoked"] for ln in listed.splitlines())
@@ -308,14 +308,14 @@ def test_revoked_credentials_are_refused_at_the_next_connect(private_broker: Set
         assert new != a.password and new not in res.stdout
         assert stat.S_IMODE(pw_file.stat().st_mode) == 0o600
         wait_for_login(s, a.name, new, accepted=True)
-        assert mqtt_login(s, a.name, a.password) == 5
+        assert mqtt_login(s, a.name, a.password) == NOT_AUTHORIZED
 
         # rotated: the old password stops working, the new one works
         res = cli(s, "rotate", a.name)
         assert res.returncode == 0, res.stderr
         rotated = res.stdout.split("password ")[1].split()[0]
         wait_for_login(s, a.name, rotated, accepted=True)
-        assert mqtt_login(s, a.name, new) == 5
+        assert mqtt_login(s, a.name, new) == NOT_AUTHORIZED
 
         # what cannot be added is one clear line
         res = cli(s, "add", "not-in-the-fleet")
