@@ -41,7 +41,7 @@ from cityops.settings import Settings
 from cityops.stack import Stack
 from simulators.publisher import publish_blocking
 from simulators.simulation import Simulation
-from tests.support import isolated_settings
+from tests.support import injector, isolated_settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "simulator.json"
 START = 1_795_395_600_000  # 2026-11-23 07:00 Can Tho time
@@ -104,7 +104,7 @@ def _cpu() -> float:
 
 def _client(settings: Settings, name: str) -> mqtt.Client:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
-    c.username_pw_set(settings.mqtt_sensor_user, settings.mqtt_sensor_password)
+    c.username_pw_set(*injector(settings))  # one account for the whole fleet's topics
     c.max_inflight_messages_set(1000)
     return c
 

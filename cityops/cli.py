@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from cityops.errors import ConfigError
 from cityops.settings import SERVICE_SECRETS, Settings, SettingsError
@@ -37,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--only", nargs="*", metavar="SERVER",
                        help="only these servers (mqtt, kafka, postgres, prometheus)")
+
+    devices = sub.add_parser(
+        "devices", help="provision, rotate, revoke or list device MQTT identities (local stack)",
+        description="Each sensor, gateway and vendor bridge logs in to MQTT as itself and may "
+                    "publish only on its own topics. New passwords are printed once (or "
+                    "written to --password-file); the local broker reloads at once, so a "
+                    "revoked identity is refused at its next connect.")
+    devices.add_argument("action", choices=["add", "rotate", "revoke", "list"])
+    devices.add_argument("name", nargs="?", help="sensor id, gateway id or bridge name")
+    devices.add_argument("--bridge", metavar="DISTRICT",
+                         help="add: a vendor bridge that may publish for every sensor of "
+                              "one district (<root>/DISTRICT/#)")
+    devices.add_argument("--password-file", type=Path, metavar="PATH",
+                         help="add/rotate: write the password here (0600) instead of "
+                              "printing it")
 
     migrate = sub.add_parser("migrate", help="apply pending database migrations")
     migrate.add_argument("--mode", choices=["auto", "timescale", "postgres"], default=None)
@@ -65,8 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        from pathlib import Path
-
         settings = Settings.load(config_file=Path(args.config) if args.config else None)
     except SettingsError as exc:
         print(f"cityops: {exc}", file=sys.stderr)
@@ -83,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "stack":
         return _stack(args, settings)
+    if args.command == "devices":
+        return _devices(args, settings)
     if args.command == "migrate":
         import asyncio
 
@@ -122,6 +138,65 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
         print("stopped: " + (", ".join(stopped) or "nothing was running"))
         return 0
     return _print_status(stack)
+
+
+def _devices(args: argparse.Namespace, settings: Settings) -> int:
+    """``cityops devices``: the local stack's device identities (cityops/devices.py)."""
+    from cityops.devices import DeviceStore, apply
+    from cityops.registry import load_fleet
+
+    store = DeviceStore.load(settings)
+    if args.action == "list":
+        print(f"{'identity':<32} {'kind':<8} topics")
+        for ident in sorted(store.identities.values(), key=lambda i: (i.kind, i.name)):
+            topics = ", ".join(ident.topics) or _own_topic(settings, ident.kind, ident.name)
+            print(f"{ident.name:<32} {ident.kind:<8} {topics}")
+        for name in sorted(store.revoked):
+            print(f"{name:<32} {'revoked':<8} -")
+        return 0
+    if not args.name:
+        print(f"cityops: devices {args.action} needs a NAME", file=sys.stderr)
+        return 2
+    if args.action == "add":
+        if args.bridge:
+            ident = store.add(args.name, "bridge", [f"{settings.mqtt_topic_root}/"
+                                                    f"{args.bridge}/#"])
+        else:
+            fleet = load_fleet(settings.fleet_file)
+            sensor = fleet.get(args.name)
+            if sensor is not None and sensor.gateway:
+                print(f"cityops: {args.name} sits behind gateway {sensor.gateway}, which "
+                      f"connects for it: add the gateway", file=sys.stderr)
+                return 2
+            if sensor is None and args.name not in fleet.gateways():
+                print(f"cityops: {args.name} is neither a sensor nor a gateway of the fleet "
+                      f"({settings.fleet_file}); add it to the fleet file first, or give "
+                      f"--bridge DISTRICT", file=sys.stderr)
+                return 2
+            ident = store.add(args.name, "sensor" if sensor is not None else "gateway")
+    elif args.action == "rotate":
+        ident = store.rotate(args.name)
+    else:
+        ident = store.revoke(args.name)
+    reloaded = apply(settings, store)
+    note = "broker reloaded" if reloaded else "applies at the next `cityops stack up`"
+    if args.action == "revoke":
+        print(f"revoked {ident.name}: refused at its next connect ({note})")
+        return 0
+    if args.password_file:
+        args.password_file.touch(mode=0o600, exist_ok=True)
+        args.password_file.chmod(0o600)
+        args.password_file.write_text(ident.password + "\n")
+        print(f"{args.action} {ident.name}: password written to {args.password_file} ({note})")
+    else:
+        print(f"{args.action} {ident.name}: username {ident.name}, password {ident.password} "
+              f"(shown once; {note})")
+    return 0
+
+
+def _own_topic(settings: Settings, kind: str, name: str) -> str:
+    root = settings.mqtt_topic_root
+    return f"{root}/+/gateway/{name}" if kind == "gateway" else f"{root}/+/+/+/{name}"
 
 
 def _print_status(stack: object) -> int:

@@ -10,6 +10,10 @@ Fleet file format::
 
     [fleet]
     name = "can-tho-default"
+    identities = "devices"       # how the devices log in to MQTT: "devices" (one account
+                                 # per sensor and per gateway) or "bridges" (one per
+                                 # district: a vendor cloud publishing for its devices;
+                                 # load fleets, see cityops/devices.py)
 
     [[group]]
     domain = "traffic"           # traffic | security | tourism
@@ -58,6 +62,9 @@ TYPE_CODES: dict[str, str] = {
 }
 
 
+IDENTITY_MODES = ("devices", "bridges")
+
+
 class FleetError(ValueError):
     """The fleet file is invalid; the message names the group and field."""
 
@@ -101,6 +108,7 @@ class Fleet:
     name: str
     groups: tuple[SensorGroup, ...]
     sensors: tuple[Sensor, ...]
+    identities: str = "devices"  # "devices" | "bridges" (see the module doc)
     by_id: dict[str, Sensor] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,10 +141,14 @@ def load_fleet(path: Path) -> Fleet:
     except tomllib.TOMLDecodeError as exc:
         raise FleetError(f"fleet file {path}: {exc}") from None
     name = str(doc.get("fleet", {}).get("name", Path(path).stem))
+    identities = str(doc.get("fleet", {}).get("identities", "devices"))
+    if identities not in IDENTITY_MODES:
+        raise FleetError(f"fleet file {path}: [fleet] identities must be one of "
+                         f"{', '.join(IDENTITY_MODES)}, got {identities!r}")
     groups = tuple(_parse_group(i, g) for i, g in enumerate(doc.get("group", [])))
     if not groups:
         raise FleetError(f"fleet file {path} has no [[group]] entries")
-    return expand(name, groups)
+    return expand(name, groups, identities)
 
 
 def _parse_group(index: int, raw: dict[str, object]) -> SensorGroup:
@@ -166,7 +178,7 @@ def _parse_group(index: int, raw: dict[str, object]) -> SensorGroup:
                        numbers["interval_s"], numbers["gateway_size"])
 
 
-def expand(name: str, groups: tuple[SensorGroup, ...]) -> Fleet:
+def expand(name: str, groups: tuple[SensorGroup, ...], identities: str = "devices") -> Fleet:
     """Give every sensor a stable id and a position along or around its landmark."""
     sensors: list[Sensor] = []
     seen: dict[tuple[str, str, str], int] = {}
@@ -187,7 +199,7 @@ def expand(name: str, groups: tuple[SensorGroup, ...]) -> Fleet:
     ids = [s.sensor_id for s in sensors]
     if len(set(ids)) != len(ids):
         raise FleetError("fleet expands to duplicate sensor ids")
-    return Fleet(name, groups, tuple(sensors))
+    return Fleet(name, groups, tuple(sensors), identities)
 
 
 def _place(lat: float, lon: float, lat2: float | None, lon2: float | None,

@@ -30,15 +30,18 @@ CREDENTIALS_FILE = "credentials.toml"
 # The settings that are secrets. None has a usable default: the local stack generates them
 # once per installation (``cityops stack up`` -> credentials.toml), production passes them
 # from its secret store (deploy/compose/.env, the Kubernetes ``cityops-secrets`` Secret).
-SECRET_FIELDS = ("mqtt_sensor_password", "mqtt_ingest_password", "mqtt_admin_password",
-                 "pg_password", "console_secret")
+SECRET_FIELDS = ("mqtt_ingest_password", "mqtt_admin_password", "pg_password",
+                 "console_secret")
+# Settings that existed once and may still sit in an older credentials.toml: the shared
+# sensor account is gone (every device has its own identity, cityops/devices.py).
+RETIRED_FIELDS = frozenset({"mqtt_sensor_user", "mqtt_sensor_password"})
 # Which secrets each service reads (deploy/env.yaml has the full list of what it reads).
+# `simulate` reads none: it logs in as the devices themselves (cityops/devices.py).
 SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
     "ingest": ("mqtt_ingest_password",),
     "process": ("pg_password",),
     "alerts": ("pg_password",),
     "console": ("console_secret", "pg_password"),
-    "simulate": ("mqtt_sensor_password",),
 }
 # Values anyone can guess because they are in this source tree, its history, the deploy
 # examples or every tutorial: a service refuses to start with one of them (outside
@@ -94,8 +97,6 @@ class Settings:
     mqtt_port: int = 11883
     mqtt_topic_root: str = "city"
     mqtt_share_group: str = "cityops-ingest"
-    mqtt_sensor_user: str = "sensors"
-    mqtt_sensor_password: str = "sensors-dev"
     mqtt_ingest_user: str = "ingest"
     mqtt_ingest_password: str = "ingest-dev"
     mqtt_admin_user: str = "ops"
@@ -308,7 +309,8 @@ class Settings:
         if creds.is_file():
             with creds.open("rb") as fh:
                 for k, v in tomllib.load(fh).items():
-                    values.setdefault(k, v)
+                    if k not in RETIRED_FIELDS:
+                        values.setdefault(k, v)
         return cls.from_mapping(values)
 
     @classmethod

@@ -196,6 +196,9 @@ DEADLETTER_REASONS: tuple[str, ...] = (
     "too_deep",  # JSON nested deeper than ingest.strict.MAX_DEPTH (32) levels
     "number_out_of_range",  # a number beyond int64/double: 20+ digits, or exponent >= 100
     "decode_failed",  # any other exception while decoding one payload: class and message
+    # The payload names a sensor its topic's device does not own: a sensor reporting for
+    # another, or a gateway for a sensor not behind it in the registry.
+    "not_owner",
 )
 
 _dl_encoder = msgspec.json.Encoder()

@@ -203,7 +203,7 @@ class Normalizer:
                     if isinstance(rec, Reject):
                         raise rec
                     if adapter.sensor_of(rec) != it.sensor.sensor_id:
-                        raise Reject("bad_topic", f"payload names sensor "
+                        raise Reject("not_owner", f"payload names sensor "
                                      f"{adapter.sensor_of(rec)[:80]!r}, topic names "
                                      f"{it.sensor.sensor_id!r}")
                     item_rows.append((it, adapter.rows(rec)))
@@ -313,6 +313,9 @@ class Normalizer:
                 sensor = fleet.get(sid)
                 if sensor is None:
                     raise Reject("unknown_sensor", f"sensor {sid[:80]!r} is not in the registry")
+                if sensor.gateway != gw:  # the broker binds identity to topic, not payload
+                    raise Reject("not_owner", f"sensor {sid} belongs to gateway "
+                                 f"{sensor.gateway or 'none'}, not {gw[:80]}")
                 if (sensor.vendor == "compact") != (probe.__class__ is str or
                                                     raw.startswith(b"C1|")):
                     raise Reject("unknown_format", f"element is not in {sensor.vendor} format")

@@ -30,6 +30,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import select
 import sys
 import threading
 import time
@@ -41,6 +42,8 @@ from typing import IO, Any
 
 import paho.mqtt.client as mqtt
 
+from cityops.devices import Identity, bridge_name, credentials
+from cityops.registry import Fleet
 from cityops.settings import Settings
 from simulators import metrics
 from simulators.clock import SimClock
@@ -121,9 +124,8 @@ class MqttSink:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"cityops-sim-{os.getpid()}",
                                   protocol=mqtt.MQTTv311, clean_session=True)
-        self.client.username_pw_set(username or settings.mqtt_sensor_user,
-                                    password if password is not None
-                                    else settings.mqtt_sensor_password)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.max_inflight_messages_set(inflight)
         self.client.max_queued_messages_set(0)
         self.client.on_publish = self._on_publish
@@ -220,6 +222,165 @@ class MqttSink:
         with contextlib.suppress(Exception):
             self.client.disconnect()
             self.client.loop(0.01)
+
+
+class SinkPool:
+    """One ``MqttSink`` per identity, chosen by topic: each device logs in as itself.
+
+    Which identity publishes a topic (``identity_for``): in a ``devices`` fleet the
+    sensor or gateway the topic names; a topic naming an id the registry does not know
+    (the simulator's deliberate ``unknown_sensor`` readings, which no device identity may
+    publish) goes through its district's bridge; a device the registry knows but the store
+    does not (revoked) cannot publish at all: its messages are counted in ``refused``, as
+    the broker would refuse its CONNECT. In a ``bridges`` fleet (load fleets: thousands of
+    sensors, a few connections) the district's bridge publishes everything.
+
+    Connections open on first use (a shard needs only its own devices). The in-flight
+    window is shared by all of them; every 256 messages, and while waiting, one
+    ``select`` over all sockets reads PUBACKs and keeps idle connections alive, so a
+    device that publishes once a minute is not disconnected for missing keepalives.
+    """
+
+    def __init__(self, settings: Settings, fleet: Fleet, identities: dict[str, Identity], *,
+                 qos: int = 0, inflight: int = 1000, client_id: str | None = None) -> None:
+        if qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        if not 1 <= inflight <= 65_000:
+            raise ValueError("inflight must be between 1 and 65,000 (paho's message ids wrap "
+                             "at 65,535)")
+        self.settings, self.fleet, self.identities = settings, fleet, identities
+        self.qos, self.inflight_limit = qos, inflight
+        self.client_id = client_id or f"cityops-sim-{os.getpid()}"
+        self.sinks: dict[str, MqttSink] = {}
+        self._route: dict[str, MqttSink | None] = {}
+        self.published = self.completed = self.errors = self.refused = 0
+        self.max_inflight = 0
+        self._refused_names: set[str] = set()
+
+    # -- which identity -----------------------------------------------------------------
+    def identity_for(self, topic: str) -> Identity | None:
+        parts = topic.split("/")
+        district = parts[1] if len(parts) > 1 else ""
+        bridge = self.identities.get(bridge_name(district))
+        if self.fleet.identities == "bridges":
+            return bridge
+        name = parts[3] if len(parts) == 4 and parts[2] == "gateway" else parts[-1]
+        ident = self.identities.get(name)
+        if ident is not None and ident.kind != "bridge":
+            return ident
+        known = self.fleet.get(name) is not None or name in self.fleet.gateways()
+        return None if known else bridge
+
+    def _sink_for(self, topic: str) -> MqttSink | None:
+        try:
+            return self._route[topic]
+        except KeyError:
+            pass
+        ident = self.identity_for(topic)
+        sink = None
+        if ident is not None:
+            sink = self.sinks.get(ident.name)
+            if sink is None:
+                sink = MqttSink(self.settings, qos=self.qos, inflight=self.inflight_limit,
+                                client_id=f"{self.client_id}-{ident.name}",
+                                username=ident.name, password=ident.password)
+                sink.client.on_publish = self._completer(sink)
+                sink.connect()
+                self.sinks[ident.name] = sink
+        elif topic not in self._refused_names:
+            self._refused_names.add(topic)
+            log.warning("no MQTT identity may publish %s (device not provisioned or revoked)",
+                        topic)
+        if len(self._route) >= 100_000:
+            self._route.clear()
+        self._route[topic] = sink
+        return sink
+
+    # -- the MqttSink interface ------------------------------------------------------------
+    def connect(self, timeout: float = 10.0) -> None:
+        """Fail early when the local stack provisioned no identity at all."""
+        if not self.identities:
+            raise PublishError("no device identities: run `cityops stack up` (it provisions "
+                               "the fleet's devices) or `cityops devices add`")
+
+    def _completer(self, sink: MqttSink) -> Callable[..., None]:
+        """PUBACK (or written, QoS 0): counts for the sink's own window and the pool's."""
+        def on_publish(*_: object) -> None:
+            sink.completed += 1
+            self.completed += 1
+        return on_publish
+
+    @property
+    def inflight(self) -> int:
+        return self.published - self.completed - self.errors
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        sink = self._sink_for(topic)
+        if sink is None:
+            self.refused += 1
+            return
+        if self.published - self.completed - self.errors >= self.inflight_limit:
+            self.max_inflight = self.inflight_limit
+            while self.published - self.completed - self.errors >= self.inflight_limit:
+                self._turn_all(0.01)
+        errors = sink.errors
+        sink.publish(topic, payload)
+        self.published += 1
+        self.errors += sink.errors - errors
+        if not self.published & 255:
+            self.max_inflight = max(self.max_inflight, self.inflight)
+            self._turn_all(0.0)
+
+    def _turn_all(self, timeout: float) -> None:
+        """One pass of every connection's network loop, waiting at most ``timeout`` for
+        any socket to be readable (one select, not one per connection)."""
+        by_sock = {}
+        for sink in self.sinks.values():
+            sock = sink.client.socket()
+            if sock is not None:
+                by_sock[sock] = sink
+        if not by_sock:
+            if timeout:
+                time.sleep(timeout)
+            return
+        writers = [so for so, sk in by_sock.items() if sk.client.want_write()]
+        try:
+            readable, writable, _ = select.select(list(by_sock), writers, [], timeout)
+        except (OSError, ValueError):  # a socket closed under us: let each sink recover
+            readable, writable = list(by_sock), []
+        for so in readable:
+            if by_sock[so].client.loop_read() not in (mqtt.MQTT_ERR_SUCCESS,
+                                                      mqtt.MQTT_ERR_AGAIN):
+                by_sock[so]._reconnect()
+        for so in writable:
+            by_sock[so].client.loop_write()
+        for sink in by_sock.values():
+            sink.client.loop_misc()  # keepalive pings, retries
+
+    def idle(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._turn_all(min(left, 0.1))
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.inflight > 0 and time.monotonic() < deadline:
+            self._turn_all(0.01)
+        return self.inflight <= 0
+
+    def close(self) -> None:
+        for sink in self.sinks.values():
+            sink.close()
+
+
+def open_sink(settings: Settings, fleet: Fleet, *, qos: int = 0, inflight: int = 1000,
+              client_id: str | None = None) -> SinkPool:
+    """The publisher of ``fleet``'s devices with the local stack's identities."""
+    return SinkPool(settings, fleet, credentials(settings), qos=qos, inflight=inflight,
+                    client_id=client_id)
 
 
 class TokenBucket:
@@ -322,7 +483,7 @@ def publish_blocking(sim: Simulation, settings: Settings, *, rate: float | None 
         raise ValueError("give a count, a duration or a stop event, or it never ends")
     pace = (rate is None) if pace_clock is None else pace_clock
     stats = PublishStats(qos=qos)
-    sink = MqttSink(settings, qos=qos, inflight=inflight, client_id=client_id)
+    sink = open_sink(settings, sim.fleet, qos=qos, inflight=inflight, client_id=client_id)
     sink.connect()
     want_truth = ground_truth is not None
     truth_fh = Path(ground_truth).open("wb") if ground_truth is not None else None  # noqa: SIM115
@@ -396,6 +557,9 @@ def publish_blocking(sim: Simulation, settings: Settings, *, rate: float | None 
         sink.drain()
         stats.extra["elapsed_with_drain_s"] = round(time.monotonic() - t_start, 4)
         stats.completed, stats.errors = sink.completed, sink.errors
+        stats.extra["connections"] = len(sink.sinks)
+        if sink.refused:
+            stats.extra["refused_no_identity"] = sink.refused
         stats.max_inflight = max(sink.max_inflight, reporter.max_inflight if reporter else 0)
         if reporter is not None:
             reporter.tick(stats.sent, final=True)
@@ -407,7 +571,7 @@ def publish_blocking(sim: Simulation, settings: Settings, *, rate: float | None 
     return stats
 
 
-def _hold(sink: MqttSink, pause: threading.Event, drained: threading.Event | None,
+def _hold(sink: SinkPool, pause: threading.Event, drained: threading.Event | None,
           stop: threading.Event) -> None:
     """Serve the connection without publishing until ``pause`` clears."""
     while pause.is_set() and not stop.is_set():
@@ -431,7 +595,7 @@ def _account(stats: PublishStats, send_times: list[int], flags: list[int], done:
 class _Progress:
     """The once-a-second progress line on stderr, and the Prometheus counters."""
 
-    def __init__(self, stats: PublishStats, sink: MqttSink, stream: IO[str], tty: bool) -> None:
+    def __init__(self, stats: PublishStats, sink: SinkPool, stream: IO[str], tty: bool) -> None:
         self.stats, self.sink, self.stream, self.tty = stats, sink, stream, tty
         self.t0 = self.t_last = time.monotonic()
         self.last_sent = 0

@@ -119,20 +119,20 @@ def publish_now(settings: Settings, messages: list[tuple[str, bytes]],
                 timeout: float = 20.0) -> None:
     """Publish a few messages at QoS 1 and wait for the broker's acknowledgements (the
     scripted incidents of a fault case: a panic button pressed, intruders on camera)."""
-    import paho.mqtt.client as paho
+    from cityops.registry import load_fleet
+    from simulators.publisher import open_sink
 
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                    client_id=f"cityops-e2e-script-{os.getpid()}-{time.monotonic_ns()}")
-    c.username_pw_set(settings.mqtt_sensor_user, settings.mqtt_sensor_password)
-    c.connect(settings.host, settings.mqtt_port)
-    c.loop_start()
+    # As the devices' own identities (the load fleet's: its district bridges).
+    sink = open_sink(settings, load_fleet(settings.fleet_file), qos=1,
+                     client_id=f"cityops-e2e-script-{os.getpid()}-{time.monotonic_ns()}")
+    sink.connect()
     try:
-        infos = [c.publish(topic, payload, qos=1) for topic, payload in messages]
-        for info in infos:
-            info.wait_for_publish(timeout)
+        for topic, payload in messages:
+            sink.publish(topic, payload)
+        assert sink.drain(timeout) and not sink.refused and not sink.errors, \
+            "scripted messages not all acknowledged"
     finally:
-        c.disconnect()
-        c.loop_stop()
+        sink.close()
 
 
 def publish_load(settings: Settings, truth_path: Path, *, seed: int, start_ms: int,

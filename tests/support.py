@@ -7,11 +7,13 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from cityops.devices import DeviceStore, apply
 from cityops.settings import SECRET_FIELDS, Settings, new_secret
 from cityops.stack import Stack
 
@@ -55,3 +57,52 @@ async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[Topic
     such a consumer holds no metadata for the topic until it asks for it."""
     await consumer._client.force_metadata_update()
     return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+
+
+INJECTOR = "test-injector"
+
+
+def injector(settings: Settings) -> tuple[str, str]:
+    """(username, password) of a test-only bridge that may publish anywhere under the city
+    tree: for tests and benchmarks that send hostile or arbitrary topics (unknown sensors,
+    short topics, other districts) on purpose. No device has such an identity; the local
+    stack's broker learns it here, once, and is reloaded."""
+    store = DeviceStore.load(settings)
+    ident = store.identities.get(INJECTOR)
+    if ident is None:
+        ident = store.add(INJECTOR, "bridge", [f"{settings.mqtt_topic_root}/#"])
+        apply(settings, store)
+        wait_for_login(settings, ident.name, ident.password, accepted=True)
+    return ident.name, ident.password
+
+
+NOT_AUTHORIZED = 135  # CONNACK 5 of MQTT 3.1.1, as paho 2 reports it (MQTT 5's code)
+
+
+def mqtt_login(settings: Settings, username: str, password: str) -> int:
+    """Connect once and return the CONNACK reason code (0 = accepted, NOT_AUTHORIZED)."""
+    import paho.mqtt.client as paho
+
+    got: list[int] = []
+    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"login-{new_secret()[:10]}",
+                    protocol=paho.MQTTv311)
+    c.username_pw_set(username, password)
+    c.on_connect = lambda _c, _u, _f, rc, _p: got.append(rc.value)
+    c.connect(settings.mqtt_host, settings.mqtt_port)
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        c.loop(0.05)
+    c.disconnect()
+    if not got:
+        raise TimeoutError("no CONNACK within 5 s")
+    return got[0]
+
+
+def wait_for_login(settings: Settings, username: str, password: str, *, accepted: bool,
+                   within: float = 10.0) -> None:
+    """Until the broker (reloaded by SIGHUP, asynchronously) accepts or refuses a login."""
+    deadline = time.monotonic() + within
+    while (mqtt_login(settings, username, password) == 0) != accepted:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{username} still {'refused' if accepted else 'accepted'}")
+        time.sleep(0.05)

@@ -344,7 +344,7 @@ def test_compose_addresses_line_up_between_services() -> None:
                 db_env["POSTGRES_USER"], db_env["POSTGRES_DB"], db_env["POSTGRES_PASSWORD"])
         if "mqtt_host_override" in p["reads"]:
             assert s.mqtt_host == "mosquitto" and compose_reachable(name, "mosquitto"), name
-            assert s.mqtt_port == mosquitto_conf()["listener"], name
+            assert s.mqtt_port == PLATFORM_PORT in mosquitto_conf()["listeners"], name
             ca = s.mqtt_ca_file
             secrets = services[name].get("secrets", [])
             assert any(ca == f"/run/secrets/{x}" for x in secrets), f"{name}: CA not mounted"
@@ -386,12 +386,28 @@ def test_compose_bind_mounts_exist() -> None:
 
 @cache
 def mosquitto_conf() -> dict[str, Any]:
-    conf: dict[str, Any] = {}
+    """The production mosquitto.conf: global options, and ``listeners``: port -> the
+    options that follow its ``listener`` line (per_listener_settings: each has its own
+    authentication)."""
+    conf: dict[str, Any] = {"listeners": {}}
+    current: dict[str, str] | None = None
     for line in (COMPOSE_DIR / "mosquitto" / "mosquitto.conf").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition(" ")
-            conf[key] = int(value) if key == "listener" else value.strip()
+        if not line.strip() or line.startswith("#"):
+            continue
+        key, _, value = line.partition(" ")
+        if key == "listener":
+            current = conf["listeners"][int(value)] = {}
+        elif current is not None and key in LISTENER_OPTIONS:
+            current[key] = value.strip()
+        else:
+            conf[key] = value.strip()
     return conf
+
+
+LISTENER_OPTIONS = {"protocol", "cafile", "certfile", "keyfile", "tls_version",
+                    "require_certificate", "use_identity_as_username", "allow_anonymous",
+                    "password_file", "acl_file"}
+PLATFORM_PORT, DEVICE_PORT = 8883, 8884
 
 
 def acl_users() -> dict[str, list[str]]:
@@ -407,105 +423,156 @@ def acl_users() -> dict[str, list[str]]:
     return users
 
 
-def test_production_mosquitto_has_tls_passwords_acls_and_a_queue_that_loses_nothing() -> None:
+def test_production_mosquitto_has_tls_mutual_tls_for_devices_acls_and_a_lossless_queue(
+        ) -> None:
     conf = mosquitto_conf()
-    assert conf["listener"] == 8883 and conf["allow_anonymous"] == "false"
-    for key in ("cafile", "certfile", "keyfile", "password_file", "acl_file"):
-        assert key in conf, key
-    assert "listener" not in [k for k in conf if k != "listener"]
+    assert conf["per_listener_settings"] == "true"
+    listeners = conf["listeners"]
+    assert set(listeners) == {PLATFORM_PORT, DEVICE_PORT}
+    for port, opts in listeners.items():  # TLS only, nobody anonymous, the same ACL
+        assert opts["allow_anonymous"] == "false", port
+        for key in ("cafile", "certfile", "keyfile", "acl_file"):
+            assert key in opts, (port, key)
+        assert opts["acl_file"] == listeners[PLATFORM_PORT]["acl_file"]
+    platform, devices = listeners[PLATFORM_PORT], listeners[DEVICE_PORT]
+    assert "password_file" in platform and "require_certificate" not in platform
+    # devices: a client certificate is required and its CN is the identity, no password
+    assert devices["require_certificate"] == "true"
+    assert devices["use_identity_as_username"] == "true"
+    assert "password_file" not in devices
     assert int(conf["max_queued_messages"]) >= Settings().mqtt_max_queued
     root = compose_env("ingest")["CITYOPS_MQTT_TOPIC_ROOT"]
     init = compose_env("mosquitto-init")
     users = acl_users()
-    assert users == {
-        init["MQTT_SENSOR_USER"]: [f"write {root}/#"],
+    assert users == {  # no shared sensor account
         init["MQTT_INGEST_USER"]: [f"read {root}/#"],
         init["MQTT_ADMIN_USER"]: [f"read {root}/#", "read $SYS/#"],
     }
+    patterns = [ln.split(None, 1)[1] for ln in (COMPOSE_DIR / "mosquitto" / "acl").read_text()
+                .splitlines() if ln.startswith("pattern ")]
+    assert patterns == [f"write {root}/+/+/+/%u", f"write {root}/+/gateway/%u"]
     assert compose_env("ingest")["CITYOPS_MQTT_INGEST_USER"] == init["MQTT_INGEST_USER"]
-    assert compose_env("simulate")["CITYOPS_MQTT_SENSOR_USER"] == init["MQTT_SENSOR_USER"]
+    assert not any("SENSOR" in k for k in compose_env("simulate"))
     script = shell_text(compose()["services"]["mosquitto-init"])
-    for who in ("SENSOR", "INGEST", "ADMIN"):
+    for who in ("INGEST", "ADMIN"):
         assert f'"$MQTT_{who}_USER" "$MQTT_{who}_PASSWORD"' in script, who
+    assert "SENSOR" not in script
     mounts = {str(v).split(":")[1]: str(v).split(":")[0]
               for v in compose()["services"]["mosquitto"]["volumes"]}
-    assert Path(conf["acl_file"]).parent.as_posix() in mounts or conf["acl_file"] in mounts
+    acl_file = platform["acl_file"]
+    assert Path(acl_file).parent.as_posix() in mounts or acl_file in mounts
     for key in ("cafile", "certfile", "keyfile", "password_file"):
-        assert conf[key].startswith("/mosquitto/auth/"), key
+        assert platform[key].startswith("/mosquitto/auth/"), key
+    # sensors dial the host's 8883 and land on the mutual-TLS listener
+    assert compose()["services"]["mosquitto"]["ports"] == [f"8883:{DEVICE_PORT}"]
 
 
-def test_the_broker_configuration_runs_with_tls_passwords_and_acls(tmp_path: Path) -> None:
-    """Start Debian's Mosquitto with the production config (paths moved to a temp dir)."""
+def test_the_broker_configuration_runs_with_mutual_tls_passwords_and_acls(tmp_path: Path
+                                                                         ) -> None:
+    """Start Debian's Mosquitto with the production config (paths and ports moved): a
+    device with a certificate from make-certs.sh publishes as the identity in its CN and
+    only on its own topic; no certificate, a certificate from another CA, or plain TCP is
+    refused; ingest logs in with its password on the platform listener."""
+    import ssl
+
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     certs = tmp_path / "certs"
-    subprocess.run(["sh", str(COMPOSE_DIR / "make-certs.sh"), str(certs)], check=True,
-                   capture_output=True)
+    make = ["sh", str(COMPOSE_DIR / "make-certs.sh")]
+    subprocess.run([*make, str(certs)], check=True, capture_output=True)
+    me, other = "street_30_4-ld-sa001", "street_30_4-ld-sa002"
+    subprocess.run([*make, str(certs), "device", me], check=True, capture_output=True)
+    rogue = tmp_path / "rogue"  # a certificate for the same name from another CA
+    subprocess.run([*make, str(rogue)], check=True, capture_output=True)
+    subprocess.run([*make, str(rogue), "device", other], check=True, capture_output=True)
+    bad = subprocess.run([*make, str(certs), "device", "a/b"], capture_output=True)
+    assert bad.returncode == 2
     auth = tmp_path / "auth"
     auth.mkdir()
     for f in ("ca.crt", "server.crt", "server.key"):
         (auth / f).write_bytes((certs / f).read_bytes())
-    passwords = {"sensors": "s3nsors", "ingest": "1ngest", "ops": "0ps"}
+    passwords = {"ingest": "1ngest", "ops": "0ps"}
     passwd = auth / "passwd"
     for i, (user, pw) in enumerate(passwords.items()):
         subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd),
                         user, pw], check=True, capture_output=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ports = {}
+    for name in ("platform", "devices"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports[name] = sock.getsockname()[1]
     text = (COMPOSE_DIR / "mosquitto" / "mosquitto.conf").read_text()
     text = text.replace("/mosquitto/auth/", f"{auth}/").replace(
         "/mosquitto/config/acl", str(COMPOSE_DIR / "mosquitto" / "acl")).replace(
-        "/mosquitto/data/", f"{tmp_path}/").replace("listener 8883", f"listener {port} 127.0.0.1")
+        "/mosquitto/data/", f"{tmp_path}/").replace(
+        f"listener {PLATFORM_PORT}\n", f"listener {ports['platform']} 127.0.0.1\n").replace(
+        f"listener {DEVICE_PORT}\n", f"listener {ports['devices']} 127.0.0.1\n")
     text = text.replace("log_dest stdout", f"log_dest file {tmp_path}/mosquitto.log")
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(text + "user root\n" if os.geteuid() == 0 else text)
     broker = subprocess.Popen(["/usr/sbin/mosquitto", "-c", str(conf)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(port)
 
-        def client(user: str, pw: str, tls: bool = True) -> mqtt.Client:
-            c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    def client(user: str | None = None, pw: str | None = None, *, tls: bool = True,
+               cert: Path | None = None) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if user is not None:
             c.username_pw_set(user, pw)
-            if tls:  # the helper the services use, verifying the broker's certificate
-                ctx = Settings(mqtt_ca_file=str(certs / "ca.crt")).mqtt_tls_context()
-                assert ctx is not None and ctx.verify_mode.name == "CERT_REQUIRED"
-                c.tls_set_context(ctx)
-            return c
+        if tls:  # the helper the services use, verifying the broker's certificate
+            ctx = Settings(mqtt_ca_file=str(certs / "ca.crt")).mqtt_tls_context()
+            assert ctx is not None and ctx.verify_mode.name == "CERT_REQUIRED"
+            if cert is not None:
+                ctx.load_cert_chain(cert.with_suffix(".crt"), cert.with_suffix(".key"))
+            c.tls_set_context(ctx)
+        return c
 
+    def refused(c: mqtt.Client, port: int) -> bool:
+        """True if the broker will not have this client (TLS handshake or CONNACK)."""
+        rc: list[Any] = []
+        c.on_connect = lambda c, u, f, reason, p: rc.append(reason)
+        try:
+            c.connect("127.0.0.1", port)
+            for _ in range(10):
+                c.loop(timeout=0.2)
+        except (ssl.SSLError, OSError):
+            return True
+        return not c.is_connected() and (not rc or rc[0].is_failure)
+
+    try:
+        _wait_port(ports["platform"])
+        _wait_port(ports["devices"])
         ingest = client("ingest", passwords["ingest"])
         got: list[tuple[str, bytes]] = []
         ingest.on_message = lambda c, u, m: got.append((m.topic, m.payload))
-        assert ingest.connect("127.0.0.1", port) == 0
+        assert ingest.connect("127.0.0.1", ports["platform"]) == 0
         ingest.subscribe("$share/cityops-ingest/city/#", qos=1)
         ingest.loop_start()
-        sensor = client("sensors", passwords["sensors"])
-        assert sensor.connect("127.0.0.1", port) == 0
-        sensor.loop_start()
-        _wait(lambda: sensor.is_connected() and ingest.is_connected())
-        sensor.publish("elsewhere/x", b"denied", qos=1).wait_for_publish(5)
-        sensor.publish("city/traffic/t1", b"ok", qos=1).wait_for_publish(5)
+        device = client(cert=certs / "devices" / me)  # no username: the CN is the identity
+        assert device.connect("127.0.0.1", ports["devices"]) == 0
+        device.loop_start()
+        _wait(lambda: device.is_connected() and ingest.is_connected())
+        mine = f"city/ninh_kieu/traffic/lane_detector/{me}"
+        for topic in ("elsewhere/x", f"city/ninh_kieu/traffic/lane_detector/{other}",
+                      f"city/ninh_kieu/gateway/{other}", mine):
+            device.publish(topic, b"x", qos=1).wait_for_publish(5)
         _wait(lambda: got)
-        assert got == [("city/traffic/t1", b"ok")]  # the write outside city/# was dropped
-        wrong = client("sensors", "wrong-password")
-        wrong.connect("127.0.0.1", port)
-        rc: list[Any] = []
-        wrong.on_connect = lambda c, u, f, reason, p: rc.append(reason)
-        wrong.loop_start()
-        _wait(lambda: rc)
-        assert rc[0].is_failure
-        plain = client("sensors", passwords["sensors"], tls=False)  # no plaintext listener
-        plain_rc: list[Any] = []
-        plain.on_connect = lambda c, u, f, reason, p: plain_rc.append(reason)
-        plain.connect("127.0.0.1", port)
-        for _ in range(5):
-            plain.loop(timeout=0.2)
-        assert not plain.is_connected() and not plain_rc
-        for c in (ingest, sensor, wrong):
-            c.loop_stop()
-            c.disconnect()
+        import time
+        time.sleep(0.3)
+        assert got == [(mine, b"x")]  # everything not its own was dropped
+        device.loop_stop()
+        device.disconnect()
+        # refused: no certificate, a certificate from another CA, a device's name and a
+        # guessed password, plain TCP on either port, a wrong platform password
+        assert refused(client(), ports["devices"])
+        assert refused(client(cert=rogue / "devices" / other), ports["devices"])
+        assert refused(client(me, "guess"), ports["devices"])
+        assert refused(client(me, "guess"), ports["platform"])
+        assert refused(client("ingest", "wrong-password"), ports["platform"])
+        for port in ports.values():
+            assert refused(client("ingest", passwords["ingest"], tls=False), port)
+        ingest.loop_stop()
+        ingest.disconnect()
     finally:
         broker.terminate()
         broker.wait(10)
@@ -945,11 +1012,17 @@ def test_network_policies_only_ingest_reaches_mqtt_and_only_the_console_is_expos
     deny = [p for p in by_kind(docs, "NetworkPolicy").values()
             if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
     assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"], "no default deny"
-    sources = _allowed_sources(docs, wl["mosquitto"], 8883)
-    pods_allowed = {n for n, w in wl.items() for s in sources
-                    if "podSelector" in s and _selects(s["podSelector"], _pod_labels(w))}
-    assert pods_allowed == ({"ingest", "simulate"} if "loadtest" in overlay else {"ingest"})
-    assert all("anywhere" not in s and "namespaceSelector" not in s for s in sources)
+    def pods_allowed(srcs: list[dict[str, Any]]) -> set[str]:
+        return {n for n, w in wl.items() for s in srcs
+                if "podSelector" in s and _selects(s["podSelector"], _pod_labels(w))}
+
+    platform = _allowed_sources(docs, wl["mosquitto"], PLATFORM_PORT)
+    assert pods_allowed(platform) == {"ingest"}
+    assert not any("ipBlock" in s for s in platform), "the sensor network reaches passwords"
+    sources = _allowed_sources(docs, wl["mosquitto"], DEVICE_PORT)
+    assert pods_allowed(sources) == ({"simulate"} if "loadtest" in overlay else set())
+    for srcs in (platform, sources):
+        assert all("anywhere" not in s and "namespaceSelector" not in s for s in srcs)
     for name, w in wl.items():
         for c in _containers(w):
             for p in c.get("ports", []):
@@ -964,6 +1037,10 @@ def test_network_policies_only_ingest_reaches_mqtt_and_only_the_console_is_expos
     lbs = [s for s in by_kind(docs, "Service").values() if s["spec"].get("type") in (
         "LoadBalancer", "NodePort")]
     assert [s["metadata"]["name"] for s in lbs] == ["mosquitto-sensors"]
+    (lb_port,) = lbs[0]["spec"]["ports"]
+    named = {p["name"]: p["containerPort"] for c in _containers(wl["mosquitto"])
+             for p in c["ports"]}
+    assert named[lb_port["targetPort"]] == DEVICE_PORT, "sensors must land on mutual TLS"
     ranges = lbs[0]["spec"]["loadBalancerSourceRanges"]
     assert {"ipBlock": {"cidr": ranges[0]}} in sources, "sensor range differs from the policy"
     (ing,) = by_kind(docs, "Ingress").values()

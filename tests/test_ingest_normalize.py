@@ -216,7 +216,7 @@ def bad_cases(fleet: Fleet, t: int = T) -> list[tuple[str, str, bytes, str]]:
         ("in future", t_sa, samples.encode(samples.saomai_lane(sa.sensor_id, T + 600_000)),
          "in_future"),
         ("topic/payload mismatch", samples.topic_of(ge),
-         samples.encode(samples.guardeye_stats("other_camera", T)), "bad_topic"),
+         samples.encode(samples.guardeye_stats("other_camera", T)), "not_owner"),
         ("wrong district", t_sa.replace(sa.district, "cai_rang"), samples.encode(lane),
          "bad_topic"),
         ("short topic", "city/ninh_kieu", samples.encode(lane), "bad_topic"),

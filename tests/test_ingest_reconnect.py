@@ -48,7 +48,7 @@ from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings
 from cityops.stack import Stack
 from ingest.contract import decode_event
-from tests.support import isolated_settings, topic_partitions
+from tests.support import injector, isolated_settings, topic_partitions
 from tests.test_ingest_service import Worker, base_time, stream
 
 pytestmark = pytest.mark.timeout(180)
@@ -83,6 +83,7 @@ class SurvivingPublisher:
     def __init__(self, settings: Settings, msgs: list[tuple[str, bytes]], window: int = 200,
                  per_second: int = 2000) -> None:
         self.settings, self.msgs, self.window = settings, msgs, window
+        self.login = injector(settings)  # the broker is up now; provisioned once
         self.per_second = per_second
         self.acked: set[int] = set()
         self.connections = 0
@@ -111,8 +112,7 @@ class SurvivingPublisher:
             lost = threading.Event()
             client = paho.Client(CallbackAPIVersion.VERSION2,
                                  client_id=f"pub-{uuid.uuid4().hex[:8]}", protocol=paho.MQTTv5)
-            client.username_pw_set(self.settings.mqtt_sensor_user,
-                                   self.settings.mqtt_sensor_password)
+            client.username_pw_set(*self.login)
             client.on_disconnect = lambda *_, lost=lost: lost.set()
             try:
                 client.connect(self.settings.host, self.settings.mqtt_port, keepalive=10)

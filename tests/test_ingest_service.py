@@ -31,7 +31,7 @@ from ingest import samples
 from ingest.contract import decode_deadletter, decode_event
 from ingest.normalize import InboundMessage, Normalizer
 from ingest.service import IngestService
-from tests.support import free_port, topic_partitions
+from tests.support import free_port, injector, topic_partitions
 from tests.test_ingest_normalize import bad_cases, gateway_bytes, poison_elements
 
 pytestmark = pytest.mark.timeout(240)
@@ -56,10 +56,11 @@ def base_time() -> int:
 # -- helpers: a real publisher, a real Kafka reader, a worker subprocess ---------------------
 def publish_all(settings: Settings, messages: list[tuple[str, bytes]], window: int = 500,
                 pace: float = 0.0) -> None:
-    """Publish with QoS 1 as the sensors account; returns when Mosquitto acked all."""
+    """Publish with QoS 1 as the test injector (any topic of the city tree: these tests send
+    hostile topics on purpose); returns when Mosquitto acked all."""
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}",
                          protocol=paho.MQTTv5)
-    client.username_pw_set(settings.mqtt_sensor_user, settings.mqtt_sensor_password)
+    client.username_pw_set(*injector(settings))
     slots = threading.Semaphore(window)
     client.on_publish = lambda *_: slots.release()
     client.connect(settings.host, settings.mqtt_port)

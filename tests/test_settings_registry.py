@@ -32,13 +32,15 @@ def test_env_overrides_config_file_overrides_defaults(tmp_path: Path) -> None:
 
 
 def test_credentials_written_by_the_stack_are_read(tmp_path: Path) -> None:
-    (tmp_path / "credentials.toml").write_text('mqtt_sensor_password = "s3cret"\n')
+    # (the retired shared sensor account of an older file is ignored, not an error)
+    (tmp_path / "credentials.toml").write_text('mqtt_ingest_password = "s3cret"\n'
+                                               'mqtt_sensor_password = "old"\n')
     s = Settings.load(env={"CITYOPS_STATE_DIR": str(tmp_path)})
-    assert s.mqtt_sensor_password == "s3cret"
+    assert s.mqtt_ingest_password == "s3cret"
     # ...but an explicit environment value still wins.
     s = Settings.load(env={"CITYOPS_STATE_DIR": str(tmp_path),
-                           "CITYOPS_MQTT_SENSOR_PASSWORD": "env"})
-    assert s.mqtt_sensor_password == "env"
+                           "CITYOPS_MQTT_INGEST_PASSWORD": "env"})
+    assert s.mqtt_ingest_password == "env"
 
 
 def test_to_env_round_trips() -> None:

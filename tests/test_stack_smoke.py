@@ -15,6 +15,8 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from cityops.devices import DeviceStore, Identity
+from cityops.registry import Sensor, load_fleet
 from cityops.settings import CREDENTIALS_FILE, SECRET_FIELDS, Settings
 from cityops.stack import Stack
 
@@ -44,26 +46,38 @@ async def test_status_reports_all_healthy(stack: Stack) -> None:
     assert all(h.healthy for h in health), health
 
 
+def _a_device(s: Settings) -> tuple[Sensor, Identity]:
+    fleet = load_fleet(s.fleet_file)
+    ident = DeviceStore.load(s).identities
+    sensor = next(x for x in fleet if x.gateway is None and x.sensor_id in ident)
+    return sensor, ident[sensor.sensor_id]
+
+
 async def test_mqtt_pubsub_with_credentials_and_acl(settings: Settings) -> None:
     s = settings
+    sensor, me = _a_device(s)
+    mine = f"{s.mqtt_topic_root}/{sensor.topic_suffix}"
     async with _client(s, s.mqtt_ingest_user, s.mqtt_ingest_password) as sub, \
-            _client(s, s.mqtt_sensor_user, s.mqtt_sensor_password) as pub:
+            _client(s, me.name, me.password) as pub:
         await sub.subscribe(f"{s.mqtt_topic_root}/#", qos=1)
         await sub.subscribe("forbidden/#", qos=1)
-        # Allowed: a sensor publishing under the city tree.
-        await pub.publish(f"{s.mqtt_topic_root}/ninh_kieu/traffic/lane_detector/x1", b"ok", qos=1)
+        # Allowed: a sensor publishing on its own topic.
+        await pub.publish(mine, b"ok", qos=1)
         # Refused by the ACL (silently dropped by Mosquitto): outside the tree...
         await pub.publish("forbidden/x", b"nope", qos=1)
+        # ...another sensor's topic...
+        await pub.publish(f"{s.mqtt_topic_root}/ninh_kieu/traffic/lane_detector/x1", b"no",
+                          qos=1)
         # ...and the ingest account publishing at all.
         await sub.publish(f"{s.mqtt_topic_root}/ninh_kieu/traffic/lane_detector/x2", b"no", qos=1)
-        got = await _collect(sub, 3, wait_s=2.0)
-    assert [(str(m.topic), m.payload) for m in got] == [
-        (f"{s.mqtt_topic_root}/ninh_kieu/traffic/lane_detector/x1", b"ok")]
+        got = await _collect(sub, 4, wait_s=2.0)
+    assert [(str(m.topic), m.payload) for m in got] == [(mine, b"ok")]
 
 
 async def test_mqtt_rejects_wrong_password(settings: Settings) -> None:
+    _, me = _a_device(settings)
     with pytest.raises(aiomqtt.MqttError):
-        async with _client(settings, settings.mqtt_sensor_user, "wrong"):
+        async with _client(settings, me.name, "wrong"):
             pass
 
 
@@ -163,7 +177,7 @@ def test_stack_generates_secrets_once_and_keeps_them(tmp_path: Path) -> None:
     assert {n: getattr(again.settings, n) for n in SECRET_FIELDS} == \
         {n: getattr(s, n) for n in SECRET_FIELDS}
     # a file from before (the old dev defaults) is upgraded, not trusted
-    creds.write_text('mqtt_sensor_password = "sensors-dev"\n'
+    creds.write_text('mqtt_ingest_password = "ingest-dev"\n'
                      'console_secret = "cityops-dev-secret-change-me"\n')
     old = Stack(Settings.load(env={"CITYOPS_STATE_DIR": str(tmp_path)}))
     assert old._write_credentials() is True and old.settings.default_secrets() == []

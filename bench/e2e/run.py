@@ -65,6 +65,7 @@ from cityops.registry import Sensor, load_fleet  # noqa: E402
 from cityops.settings import Settings  # noqa: E402
 from ingest import samples  # noqa: E402
 from ingest.contract import event_id  # noqa: E402
+from simulators.publisher import open_sink  # noqa: E402
 from simulators.simulation import Simulation  # noqa: E402
 from tests.e2e_harness import (  # noqa: E402
     City,
@@ -116,10 +117,11 @@ class Probes:
     _thread: threading.Thread | None = None
 
     def _run(self) -> None:
-        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"e2e-probe-{os.getpid()}")
-        c.username_pw_set(self.settings.mqtt_sensor_user, self.settings.mqtt_sensor_password)
-        c.connect(self.settings.host, self.settings.mqtt_port)
-        c.loop_start()
+        # The probes publish as the fleet's own identities (the load fleet's district
+        # bridges), driven from this thread like the simulator's publisher.
+        c = open_sink(self.settings, load_fleet(self.settings.fleet_file), qos=1,
+                      client_id=f"e2e-probe-{os.getpid()}")
+        c.connect()
         t_read = t_alert = time.monotonic()
         k = 0
         try:
@@ -131,7 +133,7 @@ class Probes:
                     ms = int(time.time() * 1000)
                     topic, payload = samples.device_message(sensor, ms)
                     self.readings[event_id(sensor.sensor_id, ms)] = time.time()
-                    c.publish(topic, payload, qos=1)
+                    c.publish(topic, payload)
                     t_read += 1 / self.reading_hz
                 if now >= t_alert and self._next_panic < len(self.panic):
                     sensor = self.panic[self._next_panic]
@@ -139,13 +141,13 @@ class Probes:
                     ms = int(time.time() * 1000)
                     payload = samples.encode(samples.safecity(sensor.sensor_id, ms, "PANIC"))
                     self.alerts[sensor.sensor_id] = time.time()
-                    c.publish(samples.topic_of(sensor), payload, qos=1)
+                    c.publish(samples.topic_of(sensor), payload)
                     t_alert += 1 / self.alert_hz
-                self._stop.wait(max(0.0, min(t_read, t_alert) - time.monotonic()))
+                c.idle(max(0.0, min(t_read, t_alert, time.monotonic() + 0.1)
+                           - time.monotonic()))
         finally:
-            time.sleep(0.5)
-            c.loop_stop()
-            c.disconnect()
+            c.drain(5.0)
+            c.close()
 
     def start(self) -> Probes:
         self.readings, self.alerts = {}, {}

@@ -15,6 +15,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from cityops.devices import DeviceStore
+from cityops.registry import load_fleet
 from cityops.settings import (
     CREDENTIALS_FILE,
     SECRET_FIELDS,
@@ -42,7 +44,9 @@ class Stack:
     def up(self, only: list[str] | None = None) -> list[str]:
         """Start the servers (all, or those named); returns the names started now."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        if self._write_credentials():
+        changed = self._write_credentials()
+        changed |= self._provision_fleet()
+        if changed:
             mqtt = self.server("mqtt")
             if mqtt.proc.pid is not None:  # running with the old passwords: hand it the new
                 mqtt.write_config()  # type: ignore[attr-defined]
@@ -65,6 +69,16 @@ class Stack:
 
     def status(self) -> list[Health]:
         return [s.status() for s in self.servers]
+
+    def _provision_fleet(self) -> bool:
+        """Give the devices of ``settings.fleet_file`` their MQTT identities (once; the
+        simulators log in with them). Returns True if any was added."""
+        store = DeviceStore.load(self.settings)
+        fleet = load_fleet(self.settings.fleet_file)
+        if not store.provision_fleet(fleet, self.settings.mqtt_topic_root):
+            return False
+        store.save()
+        return True
 
     def _write_credentials(self) -> bool:
         """Settle this stack's credentials and record them for the other commands.
@@ -93,8 +107,8 @@ class Stack:
         for server in self.servers:
             server.settings = self.settings
         creds = {
-            "mqtt_sensor_user": s.mqtt_sensor_user, "mqtt_ingest_user": s.mqtt_ingest_user,
-            "mqtt_admin_user": s.mqtt_admin_user, **secrets,
+            "mqtt_ingest_user": s.mqtt_ingest_user, "mqtt_admin_user": s.mqtt_admin_user,
+            **secrets,
         }
         if stored == creds:
             return False

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cityops.devices import DeviceStore, write_password_file
 from cityops.kafka import missing_topics
 from cityops.settings import PROJECT_ROOT, Settings
 from cityops.stack import kafka
@@ -135,26 +136,29 @@ class Mosquitto(Server):
         require("mosquitto", "mosquitto", search=["/usr/sbin"])
         require("mosquitto_passwd", "mosquitto")
 
-    def write_config(self) -> Path:
+    def write_config(self, store: DeviceStore | None = None) -> Path:
+        """Password file, ACL and mosquitto.conf from settings and the device store.
+
+        The platform's own accounts (ingest, ops) come from the credentials; every device,
+        gateway and bridge from ``<state>/devices.json`` (see ``cityops/devices.py``:
+        identities are hashed once, so this stays fast with a big fleet).
+        """
         s = self.settings
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "data").mkdir(exist_ok=True)
-        passwd = self.dir / "passwd"
-        passwd.unlink(missing_ok=True)
         tool = require("mosquitto_passwd", "mosquitto")
-        users = [(s.mqtt_sensor_user, s.mqtt_sensor_password),
-                 (s.mqtt_ingest_user, s.mqtt_ingest_password),
-                 (s.mqtt_admin_user, s.mqtt_admin_password)]
-        for i, (user, password) in enumerate(users):
-            args = [tool, "-b", str(passwd), user, password]
-            if i == 0:
-                args.insert(1, "-c")
-            subprocess.run(args, check=True, capture_output=True)
+        store = store if store is not None else DeviceStore.load(s)
+        if store.hash_new(tool):
+            store.save()
+        write_password_file(self.dir / "passwd", tool,
+                            [(s.mqtt_ingest_user, s.mqtt_ingest_password),
+                             (s.mqtt_admin_user, s.mqtt_admin_password)], store)
         root = s.mqtt_topic_root
         template = (PROJECT_ROOT / "deploy" / "mosquitto" / "acl").read_text()
-        (self.dir / "acl").write_text(template.format(
-            root=root, sensors=s.mqtt_sensor_user, ingest=s.mqtt_ingest_user,
-            ops=s.mqtt_admin_user))
+        acl = self.dir / "acl.new"
+        acl.write_text(template.format(root=root, ingest=s.mqtt_ingest_user,
+                                       ops=s.mqtt_admin_user, bridges=store.acl_lines()))
+        acl.replace(self.dir / "acl")
         conf_template = (PROJECT_ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
         conf = self.dir / "mosquitto.conf"
         conf.write_text(conf_template.format(
@@ -168,9 +172,13 @@ class Mosquitto(Server):
         self.proc.start([exe, "-c", str(conf)])
         wait_until(self.healthy, 10, "mosquitto", self.proc)
 
-    def reload_acl(self) -> None:
+    def reload_acl(self) -> bool:
+        """SIGHUP: Mosquitto re-reads its password file and ACL (a revoked identity is
+        refused at its next connect). Returns False if the broker is not running."""
         if self.proc.pid:
             os.kill(self.proc.pid, signal.SIGHUP)
+            return True
+        return False
 
 
 class KafkaBroker(Server):
