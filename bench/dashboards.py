@@ -514,11 +514,11 @@ cross join lateral (select $1::timestamptz - interval '{span_s} seconds'
 """, now, list(SEVERITIES))
     await conn.execute(f"""
 insert into deadletters (received_at, reason, detail, mqtt_topic, sensor_id, payload,
-                         kafka_partition, kafka_offset)
+                         kafka_topic, kafka_partition, kafka_offset)
 select $1::timestamptz - random() * interval '{span_s} seconds',
        ($2::text[])[1 + g % array_length($2::text[], 1)], 'bench dead letter ' || g,
        'city/ninh_kieu/traffic/lane_detector/x' || (g % 50), null, '{{"bad": true}}',
-       g % 3, 1000000 + g
+       'cityops.deadletter', g % 3, 1000000 + g
 from generate_series(1, {int(deadletters)}) g
 on conflict do nothing""", now, list(DEADLETTER_REASONS))
     await conn.execute("analyze")

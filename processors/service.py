@@ -152,8 +152,8 @@ class Processor:
         for tp, recs in records.items():
             metrics.MESSAGES.labels(tp.topic).inc(len(recs))
             if tp.topic == topics.deadletter:
-                letters.extend(StoredDeadLetter(r.partition, r.offset, _as_deadletter(r.value))
-                               for r in recs)
+                letters.extend(StoredDeadLetter(r.topic, r.partition, r.offset,
+                                                _as_deadletter(r.value)) for r in recs)
             else:
                 event_values.extend(r.value for r in recs)
         metrics.BATCH_SIZE.observe(len(event_values) + len(letters))
@@ -190,7 +190,7 @@ class Processor:
             for r in recs:
                 src = Source(tp.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
                 if tp.topic == self.settings.topics.deadletter:
-                    items.append(Item(src, StoredDeadLetter(r.partition, r.offset,
+                    items.append(Item(src, StoredDeadLetter(r.topic, r.partition, r.offset,
                                                             _as_deadletter(r.value))))
                     continue
                 if r.value is None:

@@ -112,10 +112,10 @@ on conflict (sensor_id, metric) do update
 """
 _INSERT_DEADLETTERS = """
 insert into deadletters (received_at, reason, detail, mqtt_topic, sensor_id, payload,
-                         payload_encoding, service, kafka_partition, kafka_offset)
+                         payload_encoding, service, kafka_topic, kafka_partition, kafka_offset)
 select * from unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[],
-                     $6::bytea[], $7::text[], $8::text[], $9::int4[], $10::int8[])
-on conflict (kafka_partition, kafka_offset) do nothing
+                     $6::bytea[], $7::text[], $8::text[], $9::text[], $10::int4[], $11::int8[])
+on conflict (kafka_topic, kafka_partition, kafka_offset) do nothing
 """
 _UPSERT_SENSOR = """
 insert into sensors (sensor_id, domain, type, vendor, district, landmark, lat, lon,
@@ -192,8 +192,9 @@ on conflict ({keys}, bucket) do update
 
 @dataclass(slots=True)
 class StoredDeadLetter:
-    """A dead letter with where it came from on the dead-letter topic (its idempotency key)."""
+    """A dead letter with where it came from (its idempotency key: topic, partition, offset)."""
 
+    topic: str
     partition: int
     offset: int
     letter: DeadLetter
@@ -280,7 +281,7 @@ def deadletter_row(d: StoredDeadLetter) -> tuple[Any, ...]:
             safe_text(dl.detail, lim["detail"]), safe_text(dl.mqtt_topic, lim["mqtt_topic"]),
             safe_text(dl.sensor_id, lim["sensor_id"]), deadletter_bytes(dl),
             safe_text(dl.payload_encoding, lim["payload_encoding"]),
-            safe_text(dl.service, lim["service"]), d.partition, d.offset)
+            safe_text(dl.service, lim["service"]), d.topic, d.partition, d.offset)
 
 
 def _concat(a: Groups, b: Groups) -> Groups:

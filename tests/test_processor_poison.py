@@ -25,8 +25,9 @@ from cityops.settings import Settings
 from cityops.stack.kafka import create_topics
 from ingest.contract import DeadLetter, encode_deadletter, encode_event
 from processors import queries
+from processors.batch import columns
 from processors.service import Processor
-from processors.storage import Storage
+from processors.storage import Storage, StoredDeadLetter
 from processors.testing import make_stream, reference_rollups
 from tests.test_processors import (
     assert_rollups_equal,
@@ -282,3 +283,30 @@ async def test_migration_turns_stored_text_payloads_into_their_bytes(settings: S
         await conn.close()
         await admin.execute(f"drop database {db}")
         await admin.close()
+
+
+async def test_dead_letters_of_two_topics_at_the_same_offset_are_both_stored(
+        settings: Settings) -> None:
+    """The idempotency key of a stored dead letter names its topic: partition and offset
+    alone repeat across topics (another agency's, a recreated one), and a letter dropped
+    as a 'duplicate' of another topic's is lost in silence."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    storage = await Storage.connect(settings.pg_dsn, "postgres")
+    conn = await asyncpg.connect(settings.pg_dsn)
+    try:
+        now = int(time.time() * 1000)
+        letters = [StoredDeadLetter(f"{tag}.{name}", 0, 7, DeadLetter(
+            reason="bad_json", detail=f"{tag} {name}", mqtt_topic="city/x", payload="{",
+            received_at=now)) for name in ("deadletter", "other-deadletter")]
+        result = await storage.write(columns([], storage.vocab, storage.known_sensors),
+                                     letters)
+        again = await storage.write(columns([], storage.vocab, storage.known_sensors),
+                                    letters)  # a redelivery stores nothing twice
+        rows = await conn.fetch("select kafka_topic, detail from deadletters "
+                                "where detail like $1 order by kafka_topic", f"{tag} %")
+        assert [r["kafka_topic"] for r in rows] == [f"{tag}.deadletter",
+                                                    f"{tag}.other-deadletter"]
+        assert (result.deadletters, again.deadletters) == (2, 0)
+    finally:
+        await conn.close()
+        await storage.close()
