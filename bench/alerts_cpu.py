@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,13 +62,18 @@ RULES = PROJECT_ROOT / "alerts" / "rules" / "default.yaml"
 def make_events(s: Settings, n: int) -> list[Event]:
     """``n`` events of the load fleet, as ingest makes them, minutes behind the clock."""
     fleet = load_fleet(LOAD_FLEET)
-    sim = Simulation(fleet, seed=3, start_ms=int(time.time() * 1000) - 15 * 60_000)
+    per_s = Simulation(fleet, seed=3, start_ms=0).messages_per_sim_second()
+    # the whole stretch in the past, ending two minutes ago (ingest refuses the future)
+    span_ms = int(n / per_s * 1000) + 120_000
+    sim = Simulation(fleet, seed=3, start_ms=int(time.time() * 1000) - span_ms)
     norm = Normalizer(fleet, s)
     events: list[Event] = []
     while len(events) < n:
         now = int(time.time() * 1000)
         msgs = [InboundMessage(m.topic, m.payload, now) for m in sim.messages(5000)]
         got, _ = norm.normalize(msgs)
+        if not got:
+            raise RuntimeError("the normalizer refused a whole chunk (simulated time?)")
         events.extend(got)
     return events[:n]
 
@@ -220,7 +226,12 @@ async def measure(args: argparse.Namespace, s: Settings, tmp: Path) -> dict[str,
     return out
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so the stack is stopped (finally) on SIGTERM too
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--baseline", required=True, help="checkout of the code to compare with")
     ap.add_argument("--events", type=int, default=200_000)
