@@ -1,4 +1,5 @@
-"""Alerts: rules over the event and rollup streams, the alert lifecycle, and the console.
+"""Alerts: rules over the event stream (and the windows they compute from it), the alert
+lifecycle, and the console.
 
 ``cityops alerts`` (``alerts.service``) reads Kafka, evaluates the rules of
 ``alerts/rules/default.yaml`` (``alerts.ruleset``, ``alerts.evaluators``) and keeps one

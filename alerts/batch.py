@@ -15,6 +15,7 @@ from functools import cached_property
 import numpy as np
 
 from alerts.ruleset import Match
+from alerts.watermark import Watermarks
 from cityops.city import DISTRICTS_BY_CODE, LANDMARKS_BY_CODE
 from ingest.contract import Event
 
@@ -84,6 +85,9 @@ class SensorIndex:
         self.codes: dict[str, int] = {}
         self.ids: list[str] = []
         self._verdicts: dict[tuple[str, str], np.ndarray] = {}
+        # event-time clocks: the events topic's partition watermarks, and which partition
+        # carries each sensor (what absence and the windows judge time by)
+        self.clock = Watermarks()
         for sid in self.registry:
             self.code(sid)
 
@@ -116,11 +120,13 @@ class SensorIndex:
 class Batch:
     """Columns of one poll's events, each built on first use."""
 
-    def __init__(self, events: list[Event], index: SensorIndex) -> None:
+    def __init__(self, events: list[Event], index: SensorIndex,
+                 partitions: np.ndarray | None = None) -> None:
         self.events = events
         self.index = index
         learn = index.learn
         self.codes = np.fromiter((learn(ev) for ev in events), np.int64, len(events))
+        index.clock.learn(self.codes, partitions)
         self._metric: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:

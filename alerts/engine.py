@@ -1,5 +1,8 @@
 """The rule engine: every running rule's evaluator, fed batches, ticks and active alerts.
 
+Rules reading windows (``input: rollup_1m``/``rollup_1h``) get them from ``Windows``, computed
+here from the events (``alerts.windows``), not from the processors' rollup partials.
+
 The engine is pure computation over events, time and alerts; it owns no I/O, so the
 service decides when to checkpoint its state and the tests can drive it directly.
 Reloading rules keeps the state of every rule whose definition did not change.
@@ -11,15 +14,19 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from alerts.batch import Batch, Place, SensorIndex
 from alerts.evaluators import EVALUATORS, AbsenceEvaluator, CorrelationEvaluator, Evaluator
 from alerts.metrics import EVAL_SECONDS, RULES_EVALUATED, RULES_LOADED
 from alerts.model import Alert, Signal
-from alerts.rollups import RollupMerger, Wants
-from alerts.ruleset import Rule, RuleSet, rule_hash, rule_input
+from alerts.ruleset import Match, Rule, RuleSet, rule_hash, rule_input
+from alerts.windows import Windows
 from cityops.registry import Fleet
 from ingest.contract import Event
-from processors.rollup import Rollup
+
+WINDOWS_PREFIX = "__windows__:"  # checkpoint rows of the window sets: not a rule id
+DEFAULT_LATENESS_MS = 10_000
 
 
 def registry_places(fleet: Fleet | None) -> dict[str, Place]:
@@ -30,9 +37,11 @@ def registry_places(fleet: Fleet | None) -> dict[str, Place]:
 
 
 class Engine:
-    def __init__(self, rules: RuleSet, fleet: Fleet | None = None) -> None:
+    def __init__(self, rules: RuleSet, fleet: Fleet | None = None,
+                 lateness_ms: int = DEFAULT_LATENESS_MS) -> None:
         self.index = SensorIndex(registry_places(fleet))
-        self.merger = RollupMerger(self.index)
+        self.clock = self.index.clock
+        self.windows = Windows(self.index, lateness_ms)
         self.evaluators: dict[str, Evaluator] = {}
         self.rules = rules
         self.set_rules(rules)
@@ -51,33 +60,39 @@ class Engine:
                 else self._build(rule)
         dropped = [rid for rid, ev in self.evaluators.items() if kept.get(rid) is not ev]
         self.evaluators, self.rules = kept, rules
-        self.merger.set_wants(rollup_wants(kept.values()))
+        self.windows.set_wants(window_wants(kept.values()))
         RULES_LOADED.set(len(kept))
         return dropped
 
-    def evaluate(self, events: list[Event], source: str = "events") -> list[Signal]:
-        """Run the rules reading ``source`` (``events`` or a rollup input) over a batch."""
+    def evaluate(self, events: list[Event], source: str = "events",
+                 partitions: np.ndarray | None = None) -> list[Signal]:
+        """Run the rules reading ``source`` over a batch. For ``events`` (the stream),
+        also fold the batch into the rules' windows and run the window rules over the
+        windows that closed. ``partitions``: the events topic partition of each event
+        (what the event-time clocks of absence and the windows follow)."""
         out: list[Signal] = []
         if not events:
             return out
+        batch = Batch(events, self.index, partitions)
+        self._run(batch, source, out)
+        if source == "events" and self.windows.sets:
+            for src, closed in self.windows.on_batch(batch, self.clock).items():
+                self._run(Batch(closed, self.index), src, out)
+        return out
+
+    def _run(self, batch: Batch, source: str, out: list[Signal]) -> None:
         started = time.perf_counter()
-        batch = Batch(events, self.index)
         for ev in self.evaluators.values():
             if not isinstance(ev, CorrelationEvaluator) and rule_input(ev.rule) == source:
                 ev.on_batch(batch, out)
                 RULES_EVALUATED.labels(_kind(ev)).inc()
         EVAL_SECONDS.observe(time.perf_counter() - started)
-        return out
-
-    def evaluate_rollups(self, rollups: list[Rollup]) -> list[Signal]:
-        """Merge rollup partials and run the rules that read rollups over the windows."""
-        out: list[Signal] = []
-        for source, events in self.merger.merge(rollups).items():
-            out += self.evaluate(events, source)
-        return out
 
     def tick(self, now_ms: int) -> list[Signal]:
+        """The clock's turn: windows the watermarks closed, absence, count/geofence expiry."""
         out: list[Signal] = []
+        for src, closed in self.windows.on_tick(self.clock).items():
+            self._run(Batch(closed, self.index), src, out)
         for ev in self.evaluators.values():
             if isinstance(ev, AbsenceEvaluator) or type(ev).on_tick is not Evaluator.on_tick:
                 ev.on_tick(now_ms, out)
@@ -125,20 +140,36 @@ class Engine:
             ev.dirty.update(ev.state)
             arrays = getattr(ev, "arrays", None)
             if arrays is not None:
-                arrays.changed = True
+                arrays.full = True  # the failed delta is lost: write everything next
+        for ws in self.windows.sets.values():
+            ws.arrays.full = True
 
-    def snapshot_blobs(self) -> list[tuple[str, str, bytes]]:
-        """(rule id, rule hash, blob) for every array-state evaluator that changed."""
+    def snapshot_blobs(self) -> list[tuple[str, str, bytes, bool]]:
+        """(rule id, rule hash, blob, is_full) for every array state that changed: the
+        array evaluators' and the window sets' (see ``alerts.slots``)."""
         out = []
         for rid, ev in self.evaluators.items():
-            blob = ev.snapshot_blob()
-            if blob is not None:
-                out.append((rid, ev.hash, blob))
+            got = ev.snapshot_blob()
+            if got is not None:
+                out.append((rid, ev.hash, *got))
+        for key, ws in self.windows.sets.items():
+            got = ws.arrays.take()
+            if got is not None:
+                out.append((f"{WINDOWS_PREFIX}{key[0]}:{key[1]}", self.windows.digest(key),
+                            *got))
         return out
 
     def restore_blobs(self, rows: Iterable[tuple[str, str, bytes]]) -> int:
+        """Bases and deltas, in the order written."""
         n = 0
         for rid, h, blob in rows:
+            if rid.startswith(WINDOWS_PREFIX):
+                window, _, metric = rid.removeprefix(WINDOWS_PREFIX).partition(":")
+                ws = self.windows.sets.get((window, metric))
+                if ws is not None and self.windows.digest((window, metric)) == h:
+                    ws.arrays.load_bytes(blob)
+                    n += 1
+                continue
             ev = self.evaluators.get(rid)
             if ev is not None and ev.hash == h:
                 ev.restore_blob(blob)
@@ -156,21 +187,19 @@ class Engine:
         return n
 
 
-def rollup_wants(evaluators: Iterable[Evaluator]) -> Wants:
-    """Which rollup windows and metrics the rules read (and for which domains), so the
-    merger keeps only those: the processors publish every metric of every sensor."""
-    wants: Wants = {}
+def window_wants(evaluators: Iterable[Evaluator]
+                 ) -> dict[tuple[str, str], tuple[list[Match], bool]]:
+    """Which windows the rules read: (resolution, metric) -> (the matches of the rules
+    reading it, whether one reads its p95), so only those sensors' windows are kept."""
+    wants: dict[tuple[str, str], tuple[list[Match], bool]] = {}
     for ev in evaluators:
         source = rule_input(ev.rule)
         metric = getattr(ev.rule, "metric", None)
         if source == "events" or metric is None:
             continue
-        per_metric = wants.setdefault(source.removeprefix("rollup_"), {})
-        domains = ev.rule.match.domains
-        if metric in per_metric and per_metric[metric] is None:
-            continue
-        per_metric[metric] = None if not domains else \
-            (per_metric.get(metric) or frozenset()) | frozenset(domains)
+        key = (source.removeprefix("rollup_"), metric)
+        ms, p95 = wants.get(key, ([], False))
+        wants[key] = ([*ms, ev.rule.match], p95 or getattr(ev.rule, "stat", "") == "p95")
     return wants
 
 

@@ -6,14 +6,13 @@ for long enough: the hysteresis lives here, so the lifecycle only ever sees clea
 transitions. State is plain JSON per key so the service can checkpoint it to
 PostgreSQL with the Kafka offsets it corresponds to; ``dirty`` lists what changed.
 
-Event-driven conditions use event time (the sensor's clock, corrected by ingest);
-clock-driven ones (absence, count windows and geofences going quiet) use the wall
-clock passed to ``on_tick``.
+Event-driven conditions use event time (the sensor's clock, corrected by ingest).
+Absence uses event time too, through the partition watermarks of ``alerts.watermark``;
+count windows and geofences going quiet use the wall clock passed to ``on_tick``.
 """
 
 from __future__ import annotations
 
-import io
 import operator
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -38,6 +37,8 @@ from alerts.ruleset import (
     render,
     rule_hash,
 )
+from alerts.slots import SlotArrays
+from alerts.watermark import NONE
 from cityops.city import DISTRICTS_BY_CODE, LANDMARKS, LANDMARKS_BY_CODE
 
 OPS: dict[str, Callable[[Any, Any], Any]] = {"<": operator.lt, "<=": operator.le,
@@ -72,8 +73,9 @@ class Evaluator:
     def restore(self, key: str, state: dict[str, Any]) -> None:
         self.state[key] = state
 
-    def snapshot_blob(self) -> bytes | None:
-        """Evaluators with array state return it here as one blob (None: unchanged)."""
+    def snapshot_blob(self) -> tuple[bytes, bool] | None:
+        """Evaluators with array state return what changed as (blob, is_full), None if
+        nothing did (see ``alerts.slots``)."""
         return None
 
     def restore_blob(self, data: bytes) -> None:
@@ -249,58 +251,7 @@ class CountEvaluator(Evaluator):
             self._set(key, dict(st, hits=hits) if hits or st["firing"] else None)
 
 
-class _SlotArrays:
-    """Per-sensor numeric state in parallel numpy arrays, indexed by ``SensorIndex`` code."""
-
-    FIELDS: tuple[tuple[str, Any], ...] = ()
-
-    def __init__(self, index: SensorIndex) -> None:
-        self.index = index
-        self.arr: dict[str, np.ndarray] = {n: np.zeros(64, dt) for n, dt in self.FIELDS}
-        self.changed = False
-
-    def ensure(self) -> None:
-        """Grow the arrays to cover every code the index has handed out."""
-        need = len(self.index.ids)
-        size = self.arr[self.FIELDS[0][0]].size
-        if need > size:
-            new = max(need, 2 * size)
-            for n, a in self.arr.items():
-                grown = np.zeros(new, a.dtype)
-                grown[:size] = a
-                self.arr[n] = grown
-
-    def slot(self, key: str) -> int:
-        c = self.index.code(key)
-        self.ensure()
-        return c
-
-    def get(self, slot: int) -> dict[str, Any]:
-        return {n: self.arr[n][slot].item() for n, _ in self.FIELDS}
-
-    def put(self, slot: int, state: dict[str, Any]) -> None:
-        for n, _ in self.FIELDS:
-            self.arr[n][slot] = state.get(n, 0)
-
-    def to_bytes(self) -> bytes:
-        """All sensors' state as one .npz: the sensor ids and each array, no pickling."""
-        n = len(self.index.ids)
-        self.ensure()
-        buf = io.BytesIO()
-        np.savez(buf, __keys__=np.array(self.index.ids[:n], dtype=str),
-                 **{name: a[:n] for name, a in self.arr.items()})
-        return buf.getvalue()
-
-    def load_bytes(self, data: bytes) -> None:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            codes = np.array([self.index.code(str(k)) for k in z["__keys__"]], np.int64)
-            self.ensure()
-            for name, _ in self.FIELDS:
-                if name in z.files:
-                    self.arr[name][codes] = z[name]
-
-
-class _AnomalyState(_SlotArrays):
+class _AnomalyState(SlotArrays):
     FIELDS = (("mean", np.float64), ("var", np.float64), ("n", np.int64),
               ("last_v", np.float64), ("last_t", np.int64), ("firing", np.bool_),
               ("run", np.int64))
@@ -324,11 +275,8 @@ class AnomalyEvaluator(Evaluator):
     def snapshot(self) -> dict[str, dict[str, Any] | None]:
         return {}  # per-key rows: none; the arrays go in one blob (snapshot_blob)
 
-    def snapshot_blob(self) -> bytes | None:
-        if not self.arrays.changed:
-            return None
-        self.arrays.changed = False
-        return self.arrays.to_bytes()
+    def snapshot_blob(self) -> tuple[bytes, bool] | None:
+        return self.arrays.take()
 
     def restore_blob(self, data: bytes) -> None:
         self.arrays.load_bytes(data)
@@ -343,8 +291,8 @@ class AnomalyEvaluator(Evaluator):
             return
         times = batch.times[pos]
         self.arrays.ensure()
-        self.arrays.changed = True
         slots = batch.codes[pos]
+        self.arrays.touch(slots)
         rank = occurrence_rank(slots)
         a = self.arrays.arr
         for rnd in range(int(rank.max()) + 1):
@@ -393,13 +341,20 @@ class AnomalyEvaluator(Evaluator):
                                        z=round(float(score[j]), 3), method=r.method))
 
 
-class _AbsenceState(_SlotArrays):
-    FIELDS = (("last_seen", np.int64), ("limit", np.int64), ("firing", np.bool_),
-              ("tracked", np.bool_))
+class _AbsenceState(SlotArrays):
+    FIELDS = (("last_seen", np.int64), ("mark", np.int64), ("limit", np.int64),
+              ("firing", np.bool_), ("tracked", np.bool_))
 
 
 class AbsenceEvaluator(Evaluator):
-    """A sensor silent longer than its limit is offline; its next event brings it back."""
+    """A sensor silent longer than its limit is offline; its next event brings it back.
+
+    Silent is judged in EVENT time (``alerts.watermark``): how far the sensor's partition
+    of the events topic has advanced since its last reading was read (``mark``), never
+    the wall clock against the event time, so a lagging stream or a replay does not raise
+    and clear ``sensor_offline`` per reading. A sensor of the fleet registry never heard
+    from (``include_registry``) is marked at the first watermark there is.
+    """
 
     rule: AbsenceRule
 
@@ -411,8 +366,9 @@ class AbsenceEvaluator(Evaluator):
             for p in index.registry.values():
                 if matches(rule.match, p):
                     self.arrays.put(self.arrays.slot(p.sensor_id),
-                                    {"last_seen": start, "limit": self._limit(p),
-                                     "firing": False, "tracked": True})
+                                    {"last_seen": start, "mark": NONE,
+                                     "limit": self._limit(p), "firing": False,
+                                     "tracked": True})
 
     def _limit(self, p: Place) -> int:
         r = self.rule
@@ -429,10 +385,11 @@ class AbsenceEvaluator(Evaluator):
             return
         idx = np.flatnonzero(mask)
         self.arrays.ensure()
-        self.arrays.changed = True
         a = self.arrays.arr
         codes = batch.codes[idx]
+        self.arrays.touch(codes)
         np.maximum.at(a["last_seen"], codes, batch.times[idx])
+        a["mark"][codes] = self.index.clock.of_codes(codes)
         for j in np.flatnonzero(~a["tracked"][codes]):  # first sight: its own limit
             c = codes[j]
             a["tracked"][c] = True
@@ -448,18 +405,31 @@ class AbsenceEvaluator(Evaluator):
                                            batch.place(i), None))
 
     def on_tick(self, now_ms: int, out: list[Signal]) -> None:
+        """Raise the sensors whose partition moved on by more than their limit since they
+        last spoke. ``now_ms`` (the wall clock) is not compared with event times."""
         self.arrays.ensure()
         n = len(self.index.ids)
         a = self.arrays.arr
-        silent = a["tracked"][:n] & ~a["firing"][:n] & \
-            (now_ms - a["last_seen"][:n] > a["limit"][:n])
-        for c in np.flatnonzero(silent):
+        codes = np.flatnonzero(a["tracked"][:n] & ~a["firing"][:n])
+        if codes.size == 0:
+            return
+        wm = self.index.clock.of_codes(codes)
+        mark = a["mark"][codes]
+        unmarked = (mark == NONE) & (wm != NONE)
+        if unmarked.any():  # registry sensors never heard: silent from the first watermark
+            a["mark"][codes[unmarked]] = wm[unmarked]
+            self.arrays.touch(codes[unmarked])
+            mark = a["mark"][codes]
+        judged = (wm != NONE) & (mark != NONE)
+        silent_ms = np.where(judged, wm - np.where(judged, mark, 0), 0)
+        for j in np.flatnonzero(judged & (silent_ms > a["limit"][codes])):
+            c = int(codes[j])
             a["firing"][c] = True
-            self.arrays.changed = True
+            self.arrays.touch(c)
             sid = self.index.ids[c]
             place = self.index.places.get(sid) or Place(sid, "", "", "", "", 0.0, 0.0)
-            out.append(self.signal(SignalKind.RAISE, sid, now_ms, place, None,
-                                   silent_s=round((now_ms - int(a["last_seen"][c])) / 1000, 1),
+            out.append(self.signal(SignalKind.RAISE, sid, int(wm[j]), place, None,
+                                   silent_s=round(int(silent_ms[j]) / 1000, 1),
                                    last_seen=int(a["last_seen"][c])))
 
 

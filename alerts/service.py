@@ -1,10 +1,16 @@
-"""``cityops alerts``: events and rollups from Kafka through the rule engine into alerts.
+"""``cityops alerts``: events from Kafka through the rule engine into alerts.
 
-One consumer loop per process, in a consumer group on the events and aggregates topics.
-Both are keyed by sensor id, so one sensor's events (and, separately, its rollups) live
-in one partition and reach one consumer in order; a rule reads either events or rollups,
+One consumer loop per process, in a consumer group on the events topic. It is keyed by
+sensor id, so one sensor's events live in one partition and reach one consumer in order,
 so per-sensor rule state never sees two concurrent messages, and a duplicate alert
 cannot come from a race (the database's one-active-alert index is the backstop).
+
+The rules that read time windows (``input: rollup_1m``) get them from the engine, which
+computes them from the same events (``alerts.windows``): the worker does not read the
+processors' ``cityops.aggregates`` topic (~9-12 records per event, almost all unused).
+Absence and the windows judge time by event-time watermarks per partition
+(``alerts.watermark``); the loop feeds them each poll's newest event time per partition
+and whether each partition is read to its end (position == high watermark).
 
 The loop is single-task on purpose (no locks): poll a batch, evaluate it vectorized,
 apply the signals in one transaction, publish the changes, and now and then run the
@@ -53,13 +59,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
+import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from alerts.engine import Engine
 from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED
 from alerts.model import AlertChange, Signal, encode_change
-from alerts.rollups import decode_rollup, decode_rollups
 from alerts.ruleset import RulesFile
 from alerts.store import AlertStore, create_pool
 from cityops.kafka import require_topics
@@ -70,7 +76,6 @@ from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import DeadLetter, Event, decode_event, decode_events, encode_deadletter
 from ingest.kafka import PRODUCER_FATAL
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify
-from processors.rollup import Rollup
 from processors.storage import Source, park
 
 log = logging.getLogger(__name__)
@@ -110,6 +115,8 @@ class AlertService:
         self.fleet = fleet
         self.group = group or settings.alerts_group
         self.checkpoint_s = settings.alerts_checkpoint_s if checkpoint_s is None else checkpoint_s
+        # events partition -> next offset to read (position), for "read to its end"
+        self._position: dict[int, int] = {}
         self.tick_s = tick_s
         self.update_every_s = (settings.alerts_update_every_s if update_every_s is None
                                else update_every_s)
@@ -218,15 +225,18 @@ class AlertService:
         try:  # a database that is away at start-up is waited for, too
             pool = await self._db(partial(create_pool, s.pg_dsn))
             self.store = store = AlertStore(pool, update_every_s=self.update_every_s)
-            self.engine = Engine(rules, self.fleet)
+            self.engine = Engine(rules, self.fleet,
+                                 lateness_ms=int(s.alerts_window_lateness_s * 1000))
             restored = self.engine.restore(await self._db(store.load_state))
             restored += self.engine.restore_blobs(await self._db(store.load_blobs))
+            self.engine.clock.restore(await self._db(partial(
+                store.load_watermarks, self.group, s.topics.events)), int(time.time() * 1000))
             await self._db(store.load_windows)
         except _Stopped:
             if self.store is not None:
                 self.store.pool.terminate()
             return
-        await require_topics(s, [s.topics.events, s.topics.aggregates, s.topics.alerts])
+        await require_topics(s, [s.topics.events, s.topics.alerts])
         self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
@@ -236,8 +246,7 @@ class AlertService:
         await self.producer.start()
         try:
             await self.consumer.start()
-            self.consumer.subscribe([s.topics.events, s.topics.aggregates],
-                                    listener=_Rebalance(self))
+            self.consumer.subscribe([s.topics.events], listener=_Rebalance(self))
             log.info("alerts service started", extra={"fields": {
                 "rules": len(rules.rules), "restored_keys": restored, "group": self.group}})
             await self._loop(stop)
@@ -273,20 +282,24 @@ class AlertService:
                 self.assigned = True
             self._clean = False
             events: list[Event] = []
-            rollups: list[Rollup] = []
+            parts: list[np.ndarray] = []
+            wall = int(time.time() * 1000)
             for tp, msgs in data.items():
                 self.records_polled += len(msgs)
-                if tp.topic == self.settings.topics.aggregates:
-                    rollups.extend(await self._decode_rollups(tp.topic, msgs))
-                else:
-                    events.extend(await self._decode(tp.topic, msgs))
+                got = await self._decode(tp.topic, msgs)
+                if got:
+                    events.extend(got)
+                    parts.append(np.full(len(got), tp.partition, np.int32))
+                    self.engine.clock.observe(tp.partition, max(e.event_time for e in got),
+                                              wall)
                 self.offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
+                self._position[tp.partition] = msgs[-1].offset + 1
+            self.engine.clock.advance(wall, self._caught_up())
             if events:
                 EVENTS.labels("events").inc(len(events))
                 BATCH_SIZE.observe(len(events))
-            if rollups:
-                EVENTS.labels("aggregates").inc(len(rollups))
-            signals = await self._evaluate(events, rollups, data)
+            signals = await self._evaluate(events, np.concatenate(parts) if parts else None,
+                                           data)
             now = time.time()
             ticked = now - last_tick >= self.tick_s
             if ticked:
@@ -311,11 +324,25 @@ class AlertService:
             self._clean = True
             await self.checkpoint()
 
-    async def _evaluate(self, events: list[Event], rollups: list[Rollup],
+    def _caught_up(self) -> dict[int, bool]:
+        """Events partitions read to their end (position == high watermark, as the last
+        fetch response said: no request of its own). Only those may let their watermark
+        follow the wall clock (``alerts.watermark``)."""
+        assert self.consumer is not None
+        out: dict[int, bool] = {}
+        for tp in self.consumer.assignment():
+            if tp.topic != self.settings.topics.events:
+                continue
+            high = self.consumer.highwater(tp)
+            pos = self._position.get(tp.partition)
+            out[tp.partition] = high is not None and pos is not None and pos >= high
+        return out
+
+    async def _evaluate(self, events: list[Event], partitions: np.ndarray | None,
                         data: dict[TopicPartition, list[Any]]) -> list[Signal]:
-        """The rules over a poll's events and rollups; a record that makes them raise is
-        parked and skipped instead of ending the service (and, restarted, meeting the same
-        record again from the checkpoint).
+        """The rules over a poll's events; a record that makes them raise is parked and
+        skipped instead of ending the service (and, restarted, meeting the same record
+        again from the checkpoint).
 
         Only when the vectorized call raised are the records evaluated again one by one.
         Rules that ran before the failing one in that call have seen the batch once
@@ -325,17 +352,10 @@ class AlertService:
         assert self.engine
         engine, topics = self.engine, self.settings.topics
         try:
-            signals = engine.evaluate(events)
+            return engine.evaluate(events, "events", partitions)
         except Exception as exc:
-            signals = await self._isolate_evaluation(data, topics.events, exc, decode_event,
-                                                     engine.evaluate)
-        if rollups:
-            try:
-                signals += engine.evaluate_rollups(rollups)
-            except Exception as exc:
-                signals += await self._isolate_evaluation(
-                    data, topics.aggregates, exc, decode_rollup, engine.evaluate_rollups)
-        return signals
+            return await self._isolate_evaluation(data, topics.events, exc, decode_event,
+                                                  engine.evaluate)
 
     async def _isolate_evaluation(self, data: dict[TopicPartition, list[Any]], topic: str,
                                   cause: BaseException, one: Callable[[bytes], Any],
@@ -426,9 +446,6 @@ class AlertService:
 
     async def _decode(self, topic: str, msgs: list) -> list[Event]:  # type: ignore[type-arg]
         return await self._decode_with(topic, msgs, decode_events, decode_event)
-
-    async def _decode_rollups(self, topic: str, msgs: list) -> list[Rollup]:  # type: ignore[type-arg]
-        return await self._decode_with(topic, msgs, decode_rollups, decode_rollup)
 
     async def _decode_with(self, topic: str, msgs: list, many, one) -> list:  # type: ignore[no-untyped-def,type-arg]
         """Decode a poll's messages in one call; if that fails, find and dead-letter the bad
@@ -529,17 +546,20 @@ class AlertService:
         if not rows and not blobs and not offsets:
             return
         self.offsets.clear()
-        write = self._write_checkpoint(rows, blobs, offsets)
+        topic = self.settings.topics.events
+        marks = {(topic, p): w for p, w in self.engine.clock.snapshot().items()}
+        write = self._write_checkpoint(rows, blobs, offsets, marks)
         if force:
             await write
         else:
             self._checkpoint_task = asyncio.create_task(write, name="alerts-checkpoint")
 
     async def _write_checkpoint(self, rows: list, blobs: list,  # type: ignore[type-arg]
-                                offsets: dict[tuple[str, int], int]) -> None:
+                                offsets: dict[tuple[str, int], int],
+                                marks: dict[tuple[str, int], int]) -> None:
         assert self.store and self.consumer and self.engine
         try:
-            await self.store.checkpoint(self.group, rows, offsets, blobs)
+            await self.store.checkpoint(self.group, rows, offsets, blobs, marks)
         except Exception as exc:
             if classify(exc) is Fault.AWAY:
                 log.warning("checkpoint not written, database away (%s); everything goes "
@@ -564,6 +584,10 @@ class AlertService:
             off = stored.get((tp.topic, tp.partition))
             if off is not None:
                 self.consumer.seek(tp, off)
+                if tp.topic == self.settings.topics.events:
+                    self._position[tp.partition] = off
             else:  # first time this group owns it: pin where we start, so a restart resumes
-                self.offsets[(tp.topic, tp.partition)] = await self.consumer.position(tp)
+                pos = self.offsets[(tp.topic, tp.partition)] = await self.consumer.position(tp)
+                if tp.topic == self.settings.topics.events:
+                    self._position[tp.partition] = pos
         self.assigned = True

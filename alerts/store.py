@@ -398,8 +398,14 @@ class AlertStore:
     async def checkpoint(self, group: str,
                          state: Iterable[tuple[str, str, str, dict[str, Any] | None]],
                          offsets: dict[tuple[str, int], int],
-                         blobs: Iterable[tuple[str, str, bytes]] = ()) -> None:
-        """Rule state and the offsets it reflects, atomically: a restart resumes exactly here."""
+                         blobs: Iterable[tuple[str, str, bytes, bool]] = (),
+                         watermarks: dict[tuple[str, int], int] | None = None) -> None:
+        """Rule state and the offsets it reflects, atomically: a restart resumes exactly here.
+
+        ``blobs`` are (rule id, hash, blob, is_full): a full one replaces the rule's base and
+        drops its deltas, the others are appended (``alerts.slots``). ``watermarks`` go on
+        the offset rows of their partitions (``alerts.watermark``).
+        """
         rows = list(state)
         async with self.pool.acquire() as conn, conn.transaction():
             dead = [(r, k) for r, _, k, st in rows if st is None]
@@ -415,17 +421,31 @@ class AlertStore:
                     "state = excluded.state, updated_at = now()",
                     *(list(col) for col in zip(*live, strict=True)))
             blob_rows = list(blobs)
-            if blob_rows:
+            bases = [(r, h, b) for r, h, b, full in blob_rows if full]
+            deltas = [(r, h, b) for r, h, b, full in blob_rows if not full]
+            if bases:
+                await conn.execute("delete from alert_rule_blob_deltas "
+                                   "where rule_id = any($1::text[])", [r for r, _, _ in bases])
                 await conn.executemany(
                     "insert into alert_rule_blobs (rule_id, rule_hash, blob) values ($1,$2,$3) "
                     "on conflict (rule_id) do update set rule_hash = excluded.rule_hash, "
-                    "blob = excluded.blob, updated_at = now()", blob_rows)
+                    "blob = excluded.blob, updated_at = now()", bases)
+            if deltas:
+                await conn.executemany("insert into alert_rule_blob_deltas (rule_id, "
+                                       "rule_hash, blob) values ($1,$2,$3)", deltas)
             if offsets:
                 await conn.executemany(
                     "insert into alert_consumer_offsets (grp, topic, partition, next_offset) "
                     "values ($1,$2,$3,$4) on conflict (grp, topic, partition) do update set "
                     "next_offset = excluded.next_offset, updated_at = now()",
                     [(group, t, p, o) for (t, p), o in offsets.items()])
+            if watermarks:
+                await conn.execute(
+                    "update alert_consumer_offsets o set watermark_ms = w.ms "
+                    "from unnest($2::text[], $3::int[], $4::int8[]) as w(topic, partition, ms) "
+                    "where o.grp = $1 and o.topic = w.topic and o.partition = w.partition",
+                    group, [t for t, _ in watermarks], [p for _, p in watermarks],
+                    list(watermarks.values()))
         CHECKPOINTS.inc()
 
     async def load_state(self) -> list[tuple[str, str, str, dict[str, Any]]]:
@@ -433,8 +453,17 @@ class AlertStore:
         return [(r["rule_id"], r["rule_hash"], r["key"], r["state"]) for r in rows]
 
     async def load_blobs(self) -> list[tuple[str, str, bytes]]:
+        """Every rule's base, then the deltas written since, in the order written."""
         rows = await self.pool.fetch("select rule_id, rule_hash, blob from alert_rule_blobs")
+        rows += await self.pool.fetch("select rule_id, rule_hash, blob from "
+                                      "alert_rule_blob_deltas order by seq")
         return [(r["rule_id"], r["rule_hash"], bytes(r["blob"])) for r in rows]
+
+    async def load_watermarks(self, group: str, topic: str) -> dict[int, int]:
+        rows = await self.pool.fetch("select partition, watermark_ms from "
+                                     "alert_consumer_offsets where grp = $1 and topic = $2 "
+                                     "and watermark_ms is not null", group, topic)
+        return {r["partition"]: r["watermark_ms"] for r in rows}
 
     async def load_offsets(self, group: str) -> dict[tuple[str, int], int]:
         rows = await self.pool.fetch("select topic, partition, next_offset from "

@@ -20,7 +20,7 @@ from cityops.settings import SERVICE_SECRETS, Settings, SettingsError
 SERVICES: dict[str, tuple[str, str]] = {
     "ingest": ("ingest.cli", "MQTT -> normalize -> Kafka events and dead letters"),
     "process": ("processors.cli", "Kafka events -> PostgreSQL/TimescaleDB and numpy rollups"),
-    "alerts": ("alerts.cli", "rules over events and rollups -> alerts"),
+    "alerts": ("alerts.cli", "rules over events (and the windows they compute) -> alerts"),
     "console": ("alerts.console.cli", "operators' web console and REST API"),
     "simulate": ("simulators.cli", "publish a simulated Can Tho sensor fleet over MQTT"),
     "demo": ("cityops.demo", "the whole city on the local stack, with a live status line"),

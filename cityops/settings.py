@@ -140,7 +140,13 @@ class Settings:
 
     # --- Alerts (rules -> alert lifecycle; see alerts/service.py) ----------------------
     alerts_group: str = "cityops-alerts"  # Kafka consumer group of `cityops alerts`
-    alerts_checkpoint_s: float = 1.0  # rule state + offsets checkpoint period
+    # rule state + offsets checkpoint period. Each writes only what changed (alerts/slots.py);
+    # a kill -9 replays at most this much of the events topic (alert writes are idempotent).
+    alerts_checkpoint_s: float = 5.0
+    # How long after a window's end (by the sensor's event-time clock, alerts/watermark.py)
+    # a late or out-of-order reading still counts in the windows the rules compute
+    # (alerts/windows.py, rules with `input: rollup_1m`); later ones are dropped and counted.
+    alerts_window_lateness_s: float = 10.0
     alerts_update_every_s: float = 5.0  # at most one "updated" change per alert this often
     alerts_escalate_after_s: float = 300.0  # critical + unacknowledged this long: escalate
 
@@ -178,7 +184,11 @@ class Settings:
     process_repair_interval_s: float = 5.0  # plain mode: exact p95 recompute, ended windows
     process_repair_open_s: float = 60.0  # ... and of still-open windows (also when idle)
     process_maintenance_interval_s: float = 3600.0  # partitions ahead/retention, timescale jobs
-    process_publish_rollups: bool = True  # rollup partials to the aggregates topic
+    # Rollup partials (JSON, one per window x sensor/district x metric and batch, ~9-12
+    # Kafka records per event) to the aggregates topic, for consumers of other agencies.
+    # Off by default: cityops' own alerts compute their windows from the events
+    # (alerts/windows.py). The topic stays; turn this on where someone reads it.
+    process_publish_rollups: bool = False
     # Kafka static membership (KIP-345): a restarted processor takes its old place in the
     # group at once. "auto" = "<hostname>-process-<process_metrics_port>" (unique per host,
     # stable across restarts); "" = dynamic membership.

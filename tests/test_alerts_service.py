@@ -476,41 +476,27 @@ async def test_restart_keeps_open_alerts_and_rule_state(running: RunningService,
     assert len(await alerts_of(pool, "flappy", flap)) == 1
 
 
-# --- rollups from the processors ---------------------------------------------------------
-async def test_threshold_over_rollup_windows_merges_partials(
-        running: RunningService, pool: asyncpg.Pool, settings: Settings) -> None:
-    from aiokafka import AIOKafkaProducer
-
-    from processors.rollup import Rollup, encode_rollup
-
+# --- windows computed from the events ------------------------------------------------------
+async def test_threshold_over_one_minute_windows_of_raw_events(
+        running: RunningService, producer: EventProducer, pool: asyncpg.Pool) -> None:
+    """The window rule reads the minute's mean, computed by the alerts engine from the raw
+    events (no rollup partials on the aggregates topic), one value per closed minute."""
     s = sid("roll")
     b0 = (now_ms() // 60_000 - 10) * 60_000
 
-    def part(bucket: int, n: int, total: float) -> Rollup:
-        return Rollup(scope="sensor", window="1m", bucket=bucket, sensor_id=s,
-                      district="ninh_kieu", domain="traffic", metric="speed_kmh", n=n,
-                      sum=total, min=total / n, max=total / n, mean=total / n, p95=total / n)
+    def at(minute: int, second: int, speed: float) -> Any:
+        return make_event(s, b0 + minute * 60_000 + second * 1000, speed_kmh=speed)
 
-    prod = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
-    await prod.start()
-
-    async def send(*parts: Rollup) -> None:
-        for r in parts:
-            await prod.send_and_wait(settings.topics.aggregates, encode_rollup(r),
-                                     key=s.encode())
-
-    try:
-        # minute 0: a slow partial, then a fast one: merged mean 12 km/h, not slow (had the
-        # partials been judged one by one, minute 0 would start the slow spell)
-        await send(part(b0, 2, 8.0), part(b0, 2, 40.0))
-        # minutes 1-3 slow (mean 5): slow since the end of minute 1, for 120 s at minute 3
-        await send(part(b0 + 60_000, 3, 15.0), part(b0 + 120_000, 3, 15.0))
-        await settle(running)
-        assert await alerts_of(pool, "slow_minutes", s) == []
-        await send(part(b0 + 180_000, 2, 10.0))
-        rows = await eventually(lambda: alerts_of(pool, "slow_minutes", s))
-    finally:
-        await prod.stop()
+    # minute 0: a slow reading and a fast one, mean 24 km/h: not slow (judged reading by
+    # reading, minute 0 would start the slow spell); minute 1 arrives before the rest of
+    # minute 0 (out of order, inside the lateness): still counted in minute 0
+    await producer.send(at(0, 5, 8.0), at(1, 1, 5.0), at(0, 40, 40.0))
+    # minutes 1-3 slow (mean 5): slow since the end of minute 1, for 120 s at minute 3's end
+    await producer.send(at(1, 30, 5.0), at(2, 5, 4.0), at(2, 35, 6.0), at(3, 5, 5.0))
+    await settle(running)
+    assert await alerts_of(pool, "slow_minutes", s) == []
+    await producer.send(at(3, 35, 5.0), at(4, 20, 30.0))  # minute 4 closes minute 3
+    rows = await eventually(lambda: alerts_of(pool, "slow_minutes", s))
     assert len(rows) == 1 and rows[0]["value"] == 5.0
     assert rows[0]["first_event_time"] == datetime.fromtimestamp((b0 + 240_000) / 1000, UTC)
 

@@ -273,9 +273,9 @@ async def test_fault(case: str, city: City, tmp_path: Path,
         # (the bug this looks for) a moment after the first.
         conn = await asyncpg.connect(s.pg_dsn)
         try:
-            # The alerts worker works through the rollup partials the processor publishes
-            # again after a restart; on a loaded 2-core machine its lag has reached 40 s
-            # by the later cases (the catch-up column), so the alert gets up to 90 s.
+            # The alerts worker replays the events since its last checkpoint after a
+            # restart (it once also worked through the processor's rollup partials: lag up
+            # to 40 s on a loaded 2-core machine), so the alert gets up to 90 s.
             deadline = time.monotonic() + 90
             while True:
                 alerts = await alerts_for(conn, script.rule, script.source)

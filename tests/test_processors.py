@@ -121,7 +121,9 @@ def assert_rollups_equal(got: dict[str, dict[tuple, tuple]], want: dict[str, dic
 
 async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Settings) -> None:
     tag = f"t{uuid.uuid4().hex[:8]}"
-    s = private(settings, tag)
+    # partials are off by default (cityops' alerts compute their own windows); on here,
+    # where the test checks what other agencies' consumers would read
+    s = private(settings, tag, process_publish_rollups=True)
     await create_topics(s)
     now_ms = int(time.time() * 1000)
     stream = make_stream(tag, now_ms - 60_000)
