@@ -94,7 +94,35 @@ class PublishStats:
                 + (f"; ground truth in {self.ground_truth}" if self.ground_truth else ""))
 
 
-class MqttSink:
+class _Paced:
+    """Waiting the way both sinks wait: turning their own network loop, never sleeping
+    blind, so PUBACKs are read and keepalives sent while the pacing or a drain waits."""
+
+    @property
+    def inflight(self) -> int:
+        raise NotImplementedError
+
+    def _turn(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    def idle(self, seconds: float) -> None:
+        """Wait while serving the connection(s) (acks, keepalive): the pacing sleep."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._turn(min(left, 0.1))
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until every message is acknowledged (QoS 1) or written (QoS 0)."""
+        deadline = time.monotonic() + timeout
+        while self.inflight > 0 and time.monotonic() < deadline:
+            self._turn(0.01)
+        return self.inflight <= 0
+
+
+class MqttSink(_Paced):
     """A connected paho client with a bounded in-flight window, driven by its caller.
 
     No network thread: ``publish`` writes straight to the socket (paho does that when no
@@ -202,29 +230,13 @@ class MqttSink:
         except OSError as exc:
             log.warning("MQTT broker %s:%s unreachable: %s", self.host, self.port, exc)
 
-    def idle(self, seconds: float) -> None:
-        """Wait while serving the connection (acks, keepalive): the pacing sleep."""
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._turn(min(left, 0.1))
-
-    def drain(self, timeout: float = 30.0) -> bool:
-        """Wait until every message is acknowledged (QoS 1) or written (QoS 0)."""
-        deadline = time.monotonic() + timeout
-        while self.inflight > 0 and time.monotonic() < deadline:
-            self._turn(0.01)
-        return self.inflight <= 0
-
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.client.disconnect()
             self.client.loop(0.01)
 
 
-class SinkPool:
+class SinkPool(_Paced):
     """One ``MqttSink`` per identity, chosen by topic: each device logs in as itself.
 
     Which identity publishes a topic (``identity_for``): in a ``devices`` fleet the
@@ -322,16 +334,16 @@ class SinkPool:
         if self.published - self.completed - self.errors >= self.inflight_limit:
             self.max_inflight = self.inflight_limit
             while self.published - self.completed - self.errors >= self.inflight_limit:
-                self._turn_all(0.01)
+                self._turn(0.01)
         errors = sink.errors
         sink.publish(topic, payload)
         self.published += 1
         self.errors += sink.errors - errors
         if not self.published & 255:
             self.max_inflight = max(self.max_inflight, self.inflight)
-            self._turn_all(0.0)
+            self._turn(0.0)
 
-    def _turn_all(self, timeout: float) -> None:
+    def _turn(self, timeout: float) -> None:
         """One pass of every connection's network loop, waiting at most ``timeout`` for
         any socket to be readable (one select, not one per connection)."""
         by_sock = {}
@@ -356,20 +368,6 @@ class SinkPool:
             by_sock[so].client.loop_write()
         for sink in by_sock.values():
             sink.client.loop_misc()  # keepalive pings, retries
-
-    def idle(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            self._turn_all(min(left, 0.1))
-
-    def drain(self, timeout: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.inflight > 0 and time.monotonic() < deadline:
-            self._turn_all(0.01)
-        return self.inflight <= 0
 
     def close(self) -> None:
         for sink in self.sinks.values():

@@ -38,18 +38,24 @@ def isolated_settings(state_dir: Path, **overrides: object) -> Settings:
 
 
 @contextlib.contextmanager
-def private_postgres(kafka_port: int, prefix: str) -> Iterator[Stack]:
-    """A PostgreSQL cluster of its own (schema migrated, running) next to a given Kafka:
-    for tests that stop the database, so the session's stack is never touched."""
+def private_stack(prefix: str, only: list[str], **overrides: object) -> Iterator[Stack]:
+    """Servers of their own (own ports, own state folder), started and removed after: for
+    tests that stop, kill or break a server, so the session's stack is never touched."""
     state = Path(tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("CITYOPS_TEST_TMP")))
-    state.chmod(0o755)  # the server drops to the postgres user
-    st = Stack(isolated_settings(state, kafka_port=kafka_port))
+    state.chmod(0o755)  # the servers drop to their own users
+    st = Stack(isolated_settings(state, **overrides))
     try:
-        st.up(only=["postgres"])
+        st.up(only=only)
         yield st
     finally:
         st.down()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def private_postgres(kafka_port: int, prefix: str) -> contextlib.AbstractContextManager[Stack]:
+    """A PostgreSQL cluster of its own (schema migrated, running) next to a given Kafka:
+    for tests that stop the database."""
+    return private_stack(prefix, ["postgres"], kafka_port=kafka_port)
 
 
 async def topic_partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,19 +26,13 @@ from cityops.settings import PROJECT_ROOT, Settings, Topics
 from cityops.stack import Stack, StackError
 from cityops.stack.kafka import POM, BrokerJars, java, kafka_version
 from cityops.stack.process import MissingBinary
-from tests.support import isolated_settings
+from tests.support import isolated_settings, private_stack
 
 
 @pytest.fixture()
 def own_kafka() -> Iterator[Stack]:
-    state = Path(tempfile.mkdtemp(prefix="cityops-kafka-", dir=os.environ.get("CITYOPS_TEST_TMP")))
-    st = Stack(isolated_settings(state))
-    try:
-        st.up(only=["kafka"])
+    with private_stack("cityops-kafka-", ["kafka"]) as st:
         yield st
-    finally:
-        st.down()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_session_broker_is_apache_kafka(settings: Settings, stack: Stack) -> None:
