@@ -8,6 +8,7 @@ broker runs one of its own (own ports, own state folder).
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import signal
 import socket
@@ -24,7 +25,7 @@ from cityops.errors import MissingTopics
 from cityops.kafka import require_topics
 from cityops.settings import PROJECT_ROOT, Settings, Topics
 from cityops.stack import Stack, StackError
-from cityops.stack.kafka import POM, BrokerJars, java, kafka_version
+from cityops.stack.kafka import POM, BrokerJars, java, kafka_version, new_cluster_id
 from cityops.stack.process import MissingBinary
 from tests.support import isolated_settings, private_stack
 
@@ -137,3 +138,12 @@ def test_missing_java_names_the_package(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MissingBinary, match="openjdk-17-jre-headless"):
         java()
+
+
+def test_cluster_ids_are_kafka_uuids_the_storage_tool_accepts() -> None:
+    """16 random bytes as Kafka writes them, and never starting with "-" (the storage tool
+    took such an id for an option: a CI run failed on one in 64 formats)."""
+    ids = [new_cluster_id() for _ in range(20_000)]
+    assert not any(cid.startswith("-") for cid in ids)
+    assert all(len(base64.urlsafe_b64decode(cid + "==")) == 16 for cid in ids[:100])
+    assert len(set(ids)) == len(ids)

@@ -126,8 +126,15 @@ class BrokerJars:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (Kafka's Uuid)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, URL-safe base64 without padding (Kafka's Uuid).
+
+    Never one that starts with "-", as Kafka's own ``Uuid.randomUuid`` guarantees: the
+    storage tool's argument parser takes ``-t -abc...`` for an option (1 id in 64 did).
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
 
 
 def server_properties(settings: Settings, data_dir: Path) -> str:
@@ -298,7 +305,8 @@ def format_storage(java_exe: str, classpath: str, files: BrokerFiles) -> None:
         return
     proc = subprocess.run(
         [java_exe, f"-Dlog4j2.configurationFile={files.log_config}", "-cp", classpath,
-         "kafka.tools.StorageTool", "format", "-t", cid, "-c", str(files.properties)],
+         "kafka.tools.StorageTool", "format", f"--cluster-id={cid}", "-c",
+         str(files.properties)],
         capture_output=True, text=True, timeout=120, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
