@@ -3,9 +3,11 @@
 Sink: what ``cityops process`` does per Kafka batch after ``getmany`` — decode the JSON
 values (msgspec), build COPY records and numpy columns, then one transaction: binary COPY
 into staging, ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into the day-partitioned
-readings table, numpy rollups (4 of them) upserted into the rollup tables, latest state
-upserted. Raw: ``copy_records_to_table`` of the very same reading rows (records built
-beforehand, not timed) straight into the same readings table, one transaction per batch
+readings table, numpy rollups (4 of them) upserted into the rollup tables; latest state
+merged into in-memory arrays per batch and flushed to ``sensor_latest`` once at the end
+of the run (timed; the processor flushes every ``process_latest_flush_s``). Raw:
+``copy_records_to_table`` of the very same reading rows (records built beforehand, not
+timed) straight into the same readings table, one transaction per batch
 of the same size. Both start from empty tables each round; rounds alternate. A third
 run per round measures the sink without the plain-mode rollup-table upserts (the
 database work of the TimescaleDB mode, whose rollups are continuous aggregates), and
@@ -94,6 +96,9 @@ async def run_sink(storage: Storage, values: list[list[bytes]], known: set[str]
         for step, seconds in result.steps.items():
             steps[step] = steps.get(step, 0.0) + seconds
         rows += result.readings
+    f0 = time.perf_counter()
+    await storage.flush_latest(force=True)
+    steps["latest_flush"] = time.perf_counter() - f0
     return time.perf_counter() - t0, steps, rows
 
 

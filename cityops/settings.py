@@ -184,6 +184,10 @@ class Settings:
     process_repair_interval_s: float = 5.0  # plain mode: exact p95 recompute, ended windows
     process_repair_open_s: float = 60.0  # ... and of still-open windows (also when idle)
     process_maintenance_interval_s: float = 3600.0  # partitions ahead/retention, timescale jobs
+    # sensor_latest is flushed from in-memory arrays at most this often (and on a clean
+    # stop), not upserted per batch; a crash loses at most this much latest-state change,
+    # which the sensors' next readings restore (processors/latest.py).
+    process_latest_flush_s: float = 2.0
     # Rollup partials (JSON, one per window x sensor/district x metric and batch, ~9-12
     # Kafka records per event) to the aggregates topic, for consumers of other agencies.
     # Off by default: cityops' own alerts compute their windows from the events

@@ -21,7 +21,8 @@ WRITE_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
 WRITE_STEP_SECONDS = Histogram(
     "cityops_process_write_step_seconds",
-    "Time per step of a batch write: readings, aggregate, rollups, latest, other, commit",
+    "Time per step of a batch write: readings, aggregate, rollups, other, commit, latest "
+    "(in-memory merge after commit); latest_flush: one periodic sensor_latest flush",
     ["step"], buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 AGGREGATION_SECONDS = Histogram(
     "cityops_process_aggregation_seconds", "Numpy rollup of one batch (all windows)",

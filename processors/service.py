@@ -8,11 +8,15 @@ The loop, per batch:
    dead-letter topic with its reason, the rest of the batch goes on);
 3. write everything in one database transaction (``processors.storage``);
 4. publish the batch's rollup partials on the aggregates topic and wait for the acks;
-5. only then commit the Kafka offsets.
+5. only then commit the Kafka offsets;
+6. flush the latest-state arrays to ``sensor_latest`` if ``process_latest_flush_s`` has
+   passed since the last flush (also on idle polls, and forced on a clean stop).
 
 A crash before step 5 redelivers the batch; the write is idempotent and counts nothing
 twice, so every event is stored exactly once (effectively-once). Rollup partials and
-dead letters produced by this service are at-least-once on Kafka.
+dead letters produced by this service are at-least-once on Kafka. Latest state is
+derived and flushed after the offset commit: a crash loses at most the last
+``process_latest_flush_s`` seconds of it, until those sensors' next readings.
 
 Plain mode: the exact p95 recompute of merged windows runs for ended windows every
 ``process_repair_interval_s``, for still-open ones when the consumer is idle or every
@@ -67,6 +71,7 @@ class Processor:
     def __init__(self, settings: Settings, storage: Storage) -> None:
         self.settings = settings
         self.storage = storage
+        storage.latest.flush_s = settings.process_latest_flush_s
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.last_batch_at = time.monotonic()
@@ -95,7 +100,13 @@ class Processor:
         self.healthy = True
 
     async def stop(self) -> None:
+        """Flush the latest state (a clean stop loses none of it), then leave Kafka."""
         self.healthy = False
+        try:
+            await self.storage.flush_latest(force=True)
+        except Exception as exc:  # database away or refusing: the next readings restore it
+            log.warning("final latest-state flush failed (%s: %s); %d cells not written",
+                        type(exc).__name__, exc, self.storage.latest.pending)
         if self.consumer is not None:
             await self.consumer.stop()
         if self.producer is not None:
@@ -276,6 +287,7 @@ class Processor:
         now = time.monotonic()
         if idle:
             await self.update_lag()
+        await self.flush_latest()
         if self.storage.mode == "postgres":
             # Ended windows often; still-open ones when idle or every open-repair interval.
             include_open = idle or now - self._last_open_repair >= s.process_repair_open_s
@@ -293,6 +305,21 @@ class Processor:
                     log.info("storage maintenance", extra={"fields": {"done": done}})
             except Exception:
                 log.exception("storage maintenance failed; will retry next period")
+
+
+    async def flush_latest(self) -> None:
+        """Latest state to ``sensor_latest`` when its flush is due. A lost database is
+        raised (``run`` reconnects and calls this again); any other failure is logged and
+        the cells stay dirty for the next period: derived state must not stop the
+        readings."""
+        try:
+            await self.storage.flush_latest()
+        except Exception as exc:
+            if is_away(exc):
+                raise
+            log.warning("latest-state flush failed (%s: %s); retried next period",
+                        type(exc).__name__, exc)
+            self.storage.latest.last_flush = time.monotonic()
 
 
 def instance_id(settings: Settings) -> str | None:

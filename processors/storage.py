@@ -1,7 +1,7 @@
 """The database side of the processor: one transaction per Kafka batch, idempotent.
 
 Why it is effectively-once: every batch is written in ONE transaction (readings,
-incidents, dead letters, rollups, latest state, new sensors), readings and incidents
+incidents, dead letters, rollups, new sensors), readings and incidents
 are inserted with ``ON CONFLICT DO NOTHING`` on their event id, and the rollups are fed
 only with the readings that this transaction actually inserted. The consumer commits
 Kafka offsets only after this transaction commits, so a crash anywhere means the batch
@@ -25,6 +25,16 @@ buckets exactly from raw readings. TimescaleDB: the rollups are continuous aggre
 after a batch with readings older than an aggregate's materialization watermark the
 affected buckets are refreshed explicitly (TimescaleDB would not see them otherwise
 until its next policy run, and the test build has no scheduler at all).
+
+Latest state (``sensor_latest``) is NOT written per batch any more: after the readings
+transaction commits, the batch's newest reading per (sensor, metric) is merged into
+in-memory arrays (``processors.latest.LatestState``), and ``flush_latest`` writes the
+changed cells in one idempotent, order-safe upsert at most every ``latest_flush_s``
+seconds (the processor calls it after each batch and on idle polls, and forced on a
+clean stop). Trade-off, chosen on purpose: a crash loses at most the last
+``latest_flush_s`` seconds of latest-state changes (offsets of those batches may
+already be committed, so they are not redelivered); the next reading of each affected
+sensor restores its row. Readings and rollups keep their effectively-once guarantee.
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ from processors.batch import (
     event_time,
 )
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify, describe, safe_text
+from processors.latest import LatestState
 from processors.rollup import ROLLUPS, WINDOWS_MS, Groups, aggregate
 
 log = logging.getLogger(__name__)
@@ -68,8 +79,6 @@ T = TypeVar("T")
 # re-exported here for the modules that import it from storage.
 _RCOLS = ", ".join(READING_COLUMNS)
 _ICOLS = ", ".join(INCIDENT_COLUMNS)
-_LATEST_COLS = ("sensor_id, metric, time, value, district, domain, type, landmark, "
-                "event_id, quality")
 _SCOPE_KEYS = {"sensor": ("sensor_id", "metric"), "district": ("district", "domain", "metric")}
 _WINDOW_INTERVAL = {"1m": "1 minute", "1h": "1 hour"}
 
@@ -77,8 +86,6 @@ _SETUP = """
 create temp table if not exists stage_readings
     (like readings excluding constraints excluding indexes, ord integer not null)
     on commit delete rows;
-create temp table if not exists stage_latest
-    (like readings excluding constraints excluding indexes) on commit delete rows;
 create temp table if not exists stage_sensor_rollup
     (w smallint, bucket timestamptz, sensor_id text, metric text, n bigint,
      sum float8, min float8, max float8, p95 float8) on commit delete rows;
@@ -91,8 +98,8 @@ create temp table if not exists stage_incidents
 
 # Savepoints of one transaction share the staging tables (emptied only at commit): each
 # piece written while isolating poison starts from empty ones, or it would merge another
-# piece's rollup partials and latest rows a second time.
-_CLEAR_STAGE = ("delete from stage_readings; delete from stage_latest; "
+# piece's rollup partials a second time.
+_CLEAR_STAGE = ("delete from stage_readings; "
                 "delete from stage_sensor_rollup; delete from stage_district_rollup; "
                 "delete from stage_incidents")
 
@@ -101,15 +108,6 @@ _INSERT_READINGS = (f"insert into readings ({_RCOLS}) select {_RCOLS} from stage
 _INSERT_READINGS_RETURNING = _INSERT_READINGS + " returning event_id, metric"
 _INSERT_INCIDENTS = (f"insert into incidents ({_ICOLS}) select {_ICOLS} from stage_incidents "
                      "on conflict do nothing")
-_UPSERT_LATEST = f"""
-insert into sensor_latest as l ({_LATEST_COLS}, updated_at)
-select {_LATEST_COLS}, now() from stage_latest
-on conflict (sensor_id, metric) do update
-   set time = excluded.time, value = excluded.value, district = excluded.district,
-       domain = excluded.domain, type = excluded.type, landmark = excluded.landmark,
-       event_id = excluded.event_id, quality = excluded.quality, updated_at = now()
- where excluded.time > l.time
-"""
 _INSERT_DEADLETTERS = """
 insert into deadletters (received_at, reason, detail, mqtt_topic, sensor_id, payload,
                          payload_encoding, service, kafka_topic, kafka_partition, kafka_offset)
@@ -233,6 +231,9 @@ class WriteResult:
     write_s: float = 0.0
     refreshed: list[str] = field(default_factory=list)
     steps: dict[str, float] = field(default_factory=dict)  # seconds per write step
+    # Batches whose readings this write committed: merged into the latest-state arrays
+    # only after the transaction commits (a rolled-back or parked record never is).
+    latest: list[Batch] = field(default_factory=list)
 
 
 class _Laps:
@@ -300,6 +301,7 @@ def _add(total: WriteResult, part: WriteResult) -> None:
     total.duplicates += part.duplicates
     total.deadletters += part.deadletters
     total.aggregation_s += part.aggregation_s
+    total.latest.extend(part.latest)
     for name, groups in part.rollups.items():
         total.rollups[name] = _concat(total.rollups[name], groups) if name in total.rollups \
             else groups
@@ -335,7 +337,7 @@ class Storage:
     """Writes batches and keeps the derived tables of one storage mode up to date."""
 
     def __init__(self, conn: asyncpg.Connection, mode: str, vocab: Vocabularies | None = None,
-                 *, rollup_tables: bool | None = None) -> None:
+                 *, rollup_tables: bool | None = None, latest_flush_s: float = 2.0) -> None:
         if mode not in {"postgres", "timescale"}:
             raise ValueError(f"storage mode must be postgres or timescale, not {mode!r}")
         self.conn = conn
@@ -345,6 +347,7 @@ class Storage:
         self.rollup_tables = mode == "postgres" if rollup_tables is None else rollup_tables
         self.vocab = vocab or Vocabularies()
         self.known_sensors: set[str] = set()
+        self.latest = LatestState(latest_flush_s)
         self._ready = False
         self.dsn: str | None = None
 
@@ -426,6 +429,13 @@ class Storage:
 
     async def _after_commit(self, result: WriteResult, new_sensors: Sequence[Event]) -> None:
         self.known_sensors.update(e.sensor_id for e in new_sensors)
+        if result.latest:
+            t0 = time.perf_counter()
+            for batch in result.latest:
+                self.latest.update(batch)
+            took = time.perf_counter() - t0
+            result.steps["latest"] = result.steps.get("latest", 0.0) + took
+            metrics.WRITE_STEP_SECONDS.labels("latest").observe(took)
         if self.mode == "timescale" and result.readings:
             result.refreshed = await self.refresh_late(result)
 
@@ -548,12 +558,9 @@ class Storage:
                 if self.rollup_tables and inserted:
                     await self._upsert_rollups(result.rollups)
                     lap("rollups")
-                readings = batch.readings
-                newest = [readings[i] for i in batch.latest_positions().tolist()]
-                await conn.copy_records_to_table("stage_latest", records=newest,
-                                                 columns=READING_COLUMNS)
-                await conn.execute(_UPSERT_LATEST)
-                lap("latest")
+                # Every reading of the batch, duplicates included: a redelivered batch
+                # re-derives latest state it may have lost (the merge is a max by time).
+                result.latest.append(batch)
             if batch.incidents:
                 await conn.copy_records_to_table("stage_incidents", records=[
                     (*r[:-1], json.dumps(r[-1])) for r in batch.incidents],
@@ -604,6 +611,21 @@ class Storage:
             for name, (sc, _) in ROLLUPS.items():
                 if sc == scope:
                     await self.conn.execute(_upsert_rollup_sql(name))
+
+    # --- latest state -----------------------------------------------------------------
+    async def flush_latest(self, *, force: bool = False) -> int:
+        """Write the latest-state cells changed since the last flush, if the flush period
+        has passed (or ``force``: a clean stop, a test that reads ``sensor_latest``).
+
+        One ``unnest`` upsert guarded by ``where excluded.time > l.time``: idempotent and
+        order-safe, so a failed flush simply leaves its cells dirty for the next one.
+        Returns how many cells were written.
+        """
+        t0 = time.perf_counter()
+        n = await self.latest.flush(self.conn, force=force)
+        if n:
+            metrics.WRITE_STEP_SECONDS.labels("latest_flush").observe(time.perf_counter() - t0)
+        return n
 
     # --- p95 repair (plain mode) ------------------------------------------------------
     async def repair_p95(self, limit: int = 500, *, include_open: bool = True) -> int:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -31,6 +32,7 @@ from cityops.stack.kafka import create_topics
 from ingest.contract import DeadLetter, Event, encode_deadletter, encode_event
 from processors import queries
 from processors.batch import Vocabularies, columns
+from processors.latest import LatestState
 from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS, aggregate, decode_rollup
 from processors.service import Processor
@@ -87,6 +89,14 @@ async def running(settings: Settings, storage: Storage) -> AsyncIterator[Process
         stop.set()
         await asyncio.wait_for(task, 30)
         await processor.stop()
+
+
+async def db_latest(conn: asyncpg.Connection, tag: str
+                    ) -> dict[tuple[str, str], tuple[int, float]]:
+    """sensor_latest of a test's sensors as (sensor, metric) -> (event time ms, value)."""
+    return {(r["sensor_id"], r["metric"]): (int(r["time"].timestamp() * 1000), r["value"])
+            for r in await conn.fetch("select * from sensor_latest where sensor_id like $1",
+                                      f"{tag}-%")}
 
 
 async def count_rows(conn: asyncpg.Connection, tag: str) -> int:
@@ -160,6 +170,9 @@ async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Se
                 raise AssertionError(f"{exc} (found {n})") from None
             await wait_for(lambda: _eq(conn.fetchval("select count(*) from rollup_repair"), 0),
                            30, "p95 repairs done")
+            # Latest state reaches the table by the periodic flush, before any stop.
+            await wait_for(lambda: _eq(db_latest(conn, tag), reference_latest(stream.all)),
+                           30, "latest state flushed")
             assert processor.healthy
 
         # Readings: every (event, metric) exactly once, with its value and dimensions.
@@ -178,10 +191,7 @@ async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Se
         assert_rollups_equal(await db_rollups(conn, tag), want)
 
         # Latest state by event time, not by arrival.
-        latest = {(r["sensor_id"], r["metric"]): (int(r["time"].timestamp() * 1000), r["value"])
-                  for r in await conn.fetch("select * from sensor_latest where sensor_id like $1",
-                                            f"{tag}-%")}
-        assert latest == reference_latest(stream.all)
+        assert await db_latest(conn, tag) == reference_latest(stream.all)
 
         # Incidents once each; the dead letter once per Kafka message (it was sent twice).
         incidents = {e.event_id for e in distinct if e.kind == "incident"}
@@ -281,6 +291,65 @@ async def test_same_batch_twice_counts_once(settings: Settings) -> None:
         assert_rollups_equal(await db_rollups(storage.conn, tag), reference_rollups(stream.all))
     finally:
         await storage.close()
+
+
+def test_latest_state_keeps_the_newest_by_event_time_and_marks_only_changes() -> None:
+    """The in-memory merge: arrival order does not matter, older readings change nothing."""
+    stream = make_stream("lat", 1_800_000_000_000, sensors=8, hours=0.5, seed=5)
+    readings = [e for e in stream.all if e.kind == "reading"]
+    vocab = Vocabularies()
+    state = LatestState(flush_s=3600)
+    rng = np.random.default_rng(1)
+    for part in np.array_split(rng.permutation(len(readings)), 7):  # shuffled batches
+        state.update(columns([readings[i] for i in part.tolist()], vocab, set()))
+    got = {(r[1], r[2]): (int(r[0].timestamp() * 1000), r[3]) for r in state.rows.tolist()}
+    assert got == reference_latest(readings)
+    assert state.pending == len(got) == len(state)
+    assert not state.due()  # changed, but the flush period has not passed
+    state.dirty[:] = False
+    # Replaying everything (a redelivery) or anything older changes no cell.
+    assert state.update(columns(readings, vocab, set())) == 0 and state.pending == 0
+    newest = max(readings, key=lambda e: e.event_time)
+    newer = msgspec.structs.replace(newest, event_id="x" * 32,
+                                    event_time=newest.event_time + 1)
+    assert state.update(columns([newer], vocab, set())) == len(newer.measurements)
+    assert state.pending == len(newer.measurements)
+    assert state.due(now=state.last_flush + 3601)
+
+
+async def test_latest_flush_is_periodic_one_statement_and_never_regresses(
+        settings: Settings) -> None:
+    """Nothing reaches sensor_latest before the flush is due (or forced); a flush of older
+    state (another processor, a restart that replays old readings) does not regress it."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    stream = make_stream(tag, int(time.time() * 1000), sensors=6, hours=0.2, seed=17)
+    storage = await Storage.connect(settings.pg_dsn, "postgres", latest_flush_s=3600)
+    other = await Storage.connect(settings.pg_dsn, "postgres", latest_flush_s=3600)
+    conn = storage.conn
+    try:
+        res = await storage.write(columns(stream.all, storage.vocab, storage.known_sensors))
+        assert res.readings > 0 and "latest" in res.steps
+        assert await storage.flush_latest() == 0  # not due yet
+        assert await db_latest(conn, tag) == {}
+        want = reference_latest(stream.all)
+        assert await storage.flush_latest(force=True) == len(want)
+        assert await db_latest(conn, tag) == want
+        assert await storage.flush_latest(force=True) == 0  # nothing changed since
+        # Another processor holding only older readings (a restart replaying old
+        # batches, a rebalance overlap) flushes: the SQL guard keeps the newer rows.
+        times = sorted(e.event_time for e in stream.all)
+        older = [e for e in stream.all if e.event_time < times[len(times) // 2]]
+        assert reference_latest(older) != want
+        await other.write(columns(older, other.vocab, other.known_sensors))
+        assert await other.flush_latest(force=True) > 0
+        assert await db_latest(conn, tag) == want
+        # Cells written again with the same state are idempotent.
+        storage.latest.dirty[:] = True
+        await storage.flush_latest(force=True)
+        assert await db_latest(conn, tag) == want
+    finally:
+        await storage.close()
+        await other.close()
 
 
 def test_numpy_rollups_match_reference_on_random_batches() -> None:
