@@ -43,6 +43,7 @@ from cityops.stack import Stack
 from ingest.contract import Event, encode_event, event_id
 from processors.batch import READING_COLUMNS, Vocabularies, columns
 from processors.cli import keep_freed_memory
+from processors.latest import LatestState
 from processors.service import decode_all
 from processors.storage import Storage
 from tests.support import isolated_settings
@@ -83,6 +84,8 @@ async def run_sink(storage: Storage, values: list[list[bytes]], known: set[str]
                    ) -> tuple[float, dict[str, float], int]:
     storage.vocab = Vocabularies()
     storage.known_sensors = set(known)
+    # Fresh latest state too: the tables were truncated, so every cell must be flushed.
+    storage.latest = LatestState(storage.latest.flush_s)
     steps: dict[str, float] = {}
     rows = 0
     t0 = time.perf_counter()
