@@ -28,7 +28,7 @@ from processors import queries
 from processors.batch import columns
 from processors.service import Processor
 from processors.storage import Storage, StoredDeadLetter
-from processors.testing import make_stream, reference_rollups
+from processors.testing import make_stream, reference_latest, reference_rollups
 from tests.test_processors import (
     assert_rollups_equal,
     count_rows,
@@ -222,6 +222,12 @@ async def test_poison_records_are_parked_and_every_good_record_is_stored(
                                 "where sensor_id like $1 group by 1, 2", f"{tag}-%")
         assert {(r[0], r[1]) for r in rows} == expected and all(r[2] == 1 for r in rows)
         assert_rollups_equal(await db_rollups(conn, tag), reference_rollups(stream.all))
+        # Latest state holds committed readings only: the parked OverflowError reading is
+        # the newest of its sensor, yet it never became latest (nor stuck the flushes).
+        latest = {(r["sensor_id"], r["metric"]): (int(r["time"].timestamp() * 1000), r["value"])
+                  for r in await conn.fetch("select * from sensor_latest where sensor_id "
+                                            "like $1", f"{tag}-%")}
+        assert latest == reference_latest(stream.all)
         # Each poison record parked once: raw Kafka bytes, where it was, why.
         parked = {(r["topic"], r["kafka_partition"], r["kafka_offset"]): r for r in
                   await conn.fetch("select * from parked where consumer_group = $1",

@@ -352,6 +352,25 @@ async def test_latest_flush_is_periodic_one_statement_and_never_regresses(
         await other.close()
 
 
+async def test_a_clean_stop_flushes_the_latest_state(settings: Settings) -> None:
+    """Latest state changed since the last flush is written when the processor stops,
+    however long the flush period."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    stream = make_stream(tag, int(time.time() * 1000), sensors=4, hours=0.1, seed=19)
+    storage = await Storage.connect(settings.pg_dsn, "postgres")
+    try:
+        processor = Processor(settings.replace(process_latest_flush_s=3600.0), storage)
+        assert storage.latest.flush_s == 3600.0
+        await storage.write(columns(stream.all, storage.vocab, storage.known_sensors))
+        await processor.flush_latest()  # not due
+        assert await db_latest(storage.conn, tag) == {}
+        await processor.stop()
+        assert await db_latest(storage.conn, tag) == reference_latest(stream.all)
+        assert storage.latest.pending == 0
+    finally:
+        await storage.close()
+
+
 def test_numpy_rollups_match_reference_on_random_batches() -> None:
     rng = np.random.default_rng(3)
     for size in (1, 2, 17, 3000):
