@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import fcntl
+import functools
 import hashlib
 import re
 import shutil
@@ -55,15 +56,24 @@ def java() -> str:
     """The ``java`` to run the broker with: on PATH and version 17 or newer."""
     exe = require("java", "openjdk-17-jre-headless",
                   "sudo apt-get install -y openjdk-17-jre-headless (or run scripts/bootstrap.sh)")
+    major = _java_major(exe)
+    if major < MIN_JAVA:
+        raise StackError(f"kafka: {exe} is Java {major or '?'}; Apache Kafka 4 needs Java "
+                         f"{MIN_JAVA}+: sudo apt-get install -y openjdk-17-jre-headless")
+    return exe
+
+
+@functools.cache
+def _java_major(exe: str) -> int:
+    """The major version ``exe -version`` reports (0 if unreadable), asked once per program:
+    a stack start checks it for the install check, ``up`` and ``start`` alike, and each
+    ``java -version`` is a JVM start."""
     out = subprocess.run([exe, "-version"], capture_output=True, text=True, check=False)
     found = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
     major = int(found.group(1)) if found else 0
     if major == 1 and found and found.group(2):  # "1.8.0_x" style
         major = int(found.group(2))
-    if major < MIN_JAVA:
-        raise StackError(f"kafka: {exe} is Java {major or '?'}; Apache Kafka 4 needs Java "
-                         f"{MIN_JAVA}+: sudo apt-get install -y openjdk-17-jre-headless")
-    return exe
+    return major
 
 
 class BrokerJars:
