@@ -404,21 +404,22 @@ async def _seed_readings_for_caggs(conn: asyncpg.Connection, end: datetime, days
                                    minute_hours: int) -> None:
     minute_start = end - timedelta(hours=minute_hours)
     hour_start = end - timedelta(days=days)
+    await conn.execute("insert into metrics (name) select distinct metric from "
+                       "seed_type_metrics on conflict (name) do nothing")
     for start, stop, step in ((hour_start, minute_start, "1 hour"),
                               (minute_start, end, "1 minute")):
         await conn.execute(f"""
-insert into readings (time, sensor_id, metric, value, district, domain, type, landmark,
-                      event_id, quality)
-select b, s.sensor_id, m.metric, {_VALUE}, s.district, s.domain, s.type, s.landmark,
-       md5(s.sensor_id || b::text), 0
+insert into readings (time, sensor, metric, value, quality)
+select b, s.sensor_key, mm.code, {_VALUE}, 0
 from generate_series($1::timestamptz, $2::timestamptz - interval '1 second',
                      interval '{step}') b
 cross join sensors s
 join seed_type_metrics m using (type)
+join metrics mm on mm.name = m.metric
 where s.vendor = 'benchgen'
 on conflict do nothing""", start, stop)
-    for view in ("sensor_rollup_1m", "district_rollup_1m", "sensor_rollup_1h",
-                 "district_rollup_1h"):
+    for view in ("sensor_rollup_1m_agg", "district_rollup_1m_agg", "sensor_rollup_1h_agg",
+                 "district_rollup_1h_agg"):
         await conn.execute(f"call refresh_continuous_aggregate('{view}', $1::timestamptz, "
                            f"$2::timestamptz)", hour_start - timedelta(hours=1),
                            end + timedelta(hours=1))
@@ -469,13 +470,11 @@ async def seed(conn: asyncpg.Connection, now: datetime, *, mode: str = "postgres
         await _seed_readings_for_caggs(conn, end, days, minute_hours)
     # Latest value per sensor and metric; 3% of the sensors went silent an hour ago.
     await conn.execute("""
-insert into sensor_latest (sensor_id, metric, time, value, district, domain, type, landmark,
-                           event_id)
+insert into sensor_latest (sensor_id, metric, time, value, district, domain, type, landmark)
 select s.sensor_id, m.metric,
        case when abs(hashtext(s.sensor_id)) % 33 = 0 then $1::timestamptz - interval '1 hour'
             else $1::timestamptz - random() * interval '50 seconds' end,
-       m.base * (0.85 + 0.3 * random()), s.district, s.domain, s.type, s.landmark,
-       md5(s.sensor_id || m.metric)
+       m.base * (0.85 + 0.3 * random()), s.district, s.domain, s.type, s.landmark
 from sensors s join seed_type_metrics m using (type)
 where s.vendor = 'benchgen'
 on conflict do nothing""", now)

@@ -41,7 +41,7 @@ import asyncpg
 
 from cityops.stack import Stack
 from ingest.contract import Event, encode_event, event_id
-from processors.batch import READING_COLUMNS, Vocabularies, columns
+from processors.batch import READING_COLUMNS, Vocabularies, columns, event_time
 from processors.cli import keep_freed_memory
 from processors.latest import LatestState
 from processors.service import decode_all
@@ -112,8 +112,11 @@ async def bench(dsn: str, n_events: int, batch: int, rounds: int) -> dict:
     vocab = Vocabularies()
     record_batches = []
     for i in range(0, len(events), batch):
+        # The same narrow rows as plain tuples: what a client hands asyncpg's COPY.
         b = columns(events[i:i + batch], vocab, set())
-        record_batches.append(b.readings)
+        record_batches.append(list(zip(
+            [event_time(t) for t in b.time_ms.tolist()], (b.sensor + 1).tolist(),
+            (b.metric + 1).tolist(), b.values.tolist(), b.quality.tolist(), strict=True)))
     n_rows = sum(len(b) for b in record_batches)
     known = {e.sensor_id for e in events}
     conn = await asyncpg.connect(dsn)

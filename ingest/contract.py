@@ -17,13 +17,15 @@ Fields
 ``lat``/``lon``   WGS84 position of the sensor.
 ``event_time``    when the reading was taken, epoch milliseconds UTC (sensor clock,
                   corrected where the sensor's skew is known).
-``receive_time``  when ingest received it, epoch milliseconds UTC.
+``receive_time``  when ingest received it, epoch milliseconds UTC. Both times lie in
+                  [0, ``MAX_TIME_MS``]; a reader refuses anything else.
 ``kind``          ``reading`` (periodic measurements) or ``incident`` (a discrete event:
                   intrusion, panic, door forced...).
 ``incident``      the incident type for ``kind == "incident"``, else ``None``.
 ``interval_s``    the period a count covers (counts are "per interval"); 0 for instants.
 ``measurements``  metric name -> value, units normalized (see ``METRICS``).
-``quality``       bit flags (``Quality``) describing what ingest noticed or corrected.
+``quality``       bit flags (``Quality``) describing what ingest noticed or corrected,
+                  at most ``MAX_QUALITY`` (stored as a 16-bit integer).
 ``vendor``        the payload format it came in, for tracing.
 """
 
@@ -31,10 +33,18 @@ from __future__ import annotations
 
 import hashlib
 from enum import IntFlag, StrEnum
+from typing import Annotated
 
 import msgspec
 
 SCHEMA_VERSION = 1
+
+#: Latest instant an event may carry, epoch ms (9999-12-31T23:59:59.999Z): what every
+#: consumer can turn into a timestamp (PostgreSQL's microseconds since 2000 included).
+MAX_TIME_MS = 253_402_300_799_999
+#: Quality flags fit a 16-bit column with room to grow (``Quality`` uses 5 bits).
+MAX_QUALITY = 0x7FFF
+EpochMs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIME_MS)]
 
 
 class Domain(StrEnum):
@@ -124,13 +134,13 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     landmark: str
     lat: float
     lon: float
-    event_time: int
-    receive_time: int
+    event_time: EpochMs
+    receive_time: EpochMs
     kind: str = Kind.READING.value
     incident: str | None = None
-    interval_s: int = 0
+    interval_s: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] = 0
     measurements: dict[str, float] = {}
-    quality: int = 0
+    quality: Annotated[int, msgspec.Meta(ge=0, le=MAX_QUALITY)] = 0
     vendor: str = ""
 
 

@@ -1,17 +1,19 @@
-"""A batch of events as columns: COPY records for the database, numpy arrays for rollups.
+"""A batch of events as columns: numpy arrays for the readings COPY, rollups and latest state.
 
 Events arrive as msgspec structs; one pass over them (the only Python loop of the hot
-path, one iteration per reading) builds both the binary-COPY records and the integer
-codes numpy groups by. Codes come from ``Vocabulary`` objects that live as long as the
-processor, so a sensor keeps its code across batches and decoding a rollup key back to
-names is an array lookup.
+path, one iteration per reading) fills the integer codes numpy works with. Codes come
+from ``Vocabulary`` objects that live as long as the processor, so a sensor keeps its
+code across batches and decoding a key back to names is an array lookup. The database
+keys of the narrow ``readings`` row (``sensors.sensor_key``, ``metrics.code``) are
+looked up per code once (``Vocabularies.db_sensor`` / ``db_metric``), so the COPY
+payload is built from arrays with no per-reading object (``processors.copy``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -21,14 +23,20 @@ from ingest.contract import Event, Kind
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 METRIC_BITS = 16  # metric codes are packed under sensor / district codes in rollup keys
 
-READING_COLUMNS: tuple[str, ...] = (
-    "time", "sensor_id", "metric", "value", "district", "domain", "type", "landmark",
-    "event_id", "quality")
-#: A reading as staged on the slow path: the readings columns plus its position in the batch.
-STAGE_COLUMNS: tuple[str, ...] = (*READING_COLUMNS, "ord")
+#: The narrow ``readings`` row, in COPY order.
+READING_COLUMNS: tuple[str, ...] = ("time", "sensor", "metric", "value", "quality")
 INCIDENT_COLUMNS: tuple[str, ...] = (
     "time", "event_id", "sensor_id", "incident", "district", "domain", "type", "landmark",
     "lat", "lon", "confidence", "people_count", "quality", "measurements")
+
+
+class Dims(NamedTuple):
+    """A sensor's dimension text, as its events last said (what ``sensor_latest`` shows)."""
+
+    district: str
+    domain: str
+    type: str
+    landmark: str
 
 
 class Vocabulary:
@@ -61,19 +69,23 @@ class Vocabularies:
     metrics: Vocabulary = field(default_factory=Vocabulary)
     areas: Vocabulary = field(default_factory=Vocabulary)  # (district, domain)
     sensor_area: dict[int, int] = field(default_factory=dict)  # sensor code -> area code
+    sensor_dims: dict[int, Dims] = field(default_factory=dict)  # sensor code -> its text
+    # Database keys by vocabulary code (-1: not looked up yet); ``Storage.resolve`` fills them.
+    db_sensor: npt.NDArray[np.int32] = field(default_factory=lambda: np.empty(0, np.int32))
+    db_metric: npt.NDArray[np.int16] = field(default_factory=lambda: np.empty(0, np.int16))
 
 
 @dataclass(slots=True)
 class Batch:
     """One Kafka batch, decoded, de-duplicated within itself, in columns."""
 
-    readings: list[tuple[Any, ...]]  # READING_COLUMNS
     incidents: list[tuple[Any, ...]]
     time_ms: npt.NDArray[np.int64]
     values: npt.NDArray[np.float64]
-    sensor: npt.NDArray[np.int64]
+    sensor: npt.NDArray[np.int64]  # vocabulary codes
     metric: npt.NDArray[np.int64]
     area: npt.NDArray[np.int64]
+    quality: npt.NDArray[np.int16]
     new_sensors: list[Event]
     duplicates: int  # events repeated inside this batch, dropped here
 
@@ -108,11 +120,11 @@ class Batch:
         return order[is_last]
 
     def only(self, positions: npt.NDArray[np.int64]) -> Batch:
-        """The same batch reduced to the readings at ``positions`` (arrays only: the COPY
-        records and incidents stay as they were, they are already written)."""
-        return Batch(self.readings, self.incidents, self.time_ms[positions],
-                     self.values[positions], self.sensor[positions], self.metric[positions],
-                     self.area[positions], self.new_sensors, self.duplicates)
+        """The same batch reduced to the readings at ``positions`` (the incidents stay as
+        they were: they are written on their own)."""
+        return Batch(self.incidents, self.time_ms[positions], self.values[positions],
+                     self.sensor[positions], self.metric[positions], self.area[positions],
+                     self.quality[positions], self.new_sensors, self.duplicates)
 
 
 def event_time(ms: int) -> datetime:
@@ -121,20 +133,20 @@ def event_time(ms: int) -> datetime:
 
 
 def columns(events: list[Event], vocab: Vocabularies, known_sensors: set[str]) -> Batch:
-    """Turn decoded events into COPY records and code arrays in a single pass."""
-    readings: list[tuple[Any, ...]] = []
+    """Turn decoded events into code arrays (and incident records) in a single pass."""
     incidents: list[tuple[Any, ...]] = []
     times: list[int] = []
     values: list[float] = []
     sensors: list[int] = []
     metrics: list[int] = []
     areas: list[int] = []
+    quality: list[int] = []
     new_sensors: dict[str, Event] = {}
     seen: set[str] = set()
     duplicates = 0
     sensor_code, metric_code, area_code = (vocab.sensors.code, vocab.metrics.code,
                                            vocab.areas.code)
-    sensor_area = vocab.sensor_area
+    sensor_area, sensor_dims = vocab.sensor_area, vocab.sensor_dims
     incident_kind = Kind.INCIDENT.value
     for ev in events:
         if ev.event_id in seen:
@@ -144,27 +156,31 @@ def columns(events: list[Event], vocab: Vocabularies, known_sensors: set[str]) -
         sid = ev.sensor_id
         if sid not in known_sensors and sid not in new_sensors:
             new_sensors[sid] = ev
-        t = EPOCH + timedelta(milliseconds=ev.event_time)
         if ev.kind == incident_kind:
             m = ev.measurements
-            incidents.append((t, ev.event_id, sid, ev.incident or "unknown", ev.district,
-                              ev.domain, ev.type, ev.landmark, ev.lat, ev.lon,
-                              m.get("confidence"), m.get("people_count"), ev.quality, m))
+            incidents.append((EPOCH + timedelta(milliseconds=ev.event_time), ev.event_id, sid,
+                              ev.incident or "unknown", ev.district, ev.domain, ev.type,
+                              ev.landmark, ev.lat, ev.lon, m.get("confidence"),
+                              m.get("people_count"), ev.quality, m))
             continue
         s = sensor_code(sid)
-        a = sensor_area[s] = area_code((ev.district, ev.domain))
-        ms = ev.event_time
+        dims = sensor_dims.get(s)
+        if dims is None or (dims.district != ev.district or dims.landmark != ev.landmark
+                             or dims.domain != ev.domain or dims.type != ev.type):
+            sensor_dims[s] = Dims(ev.district, ev.domain, ev.type, ev.landmark)
+            sensor_area[s] = area_code((ev.district, ev.domain))
+        a = sensor_area[s]
+        ms, q = ev.event_time, ev.quality
         for metric, value in ev.measurements.items():
-            readings.append((t, sid, metric, value, ev.district, ev.domain, ev.type,
-                             ev.landmark, ev.event_id, ev.quality))
             times.append(ms)
             values.append(value)
             sensors.append(s)
             metrics.append(metric_code(metric))
             areas.append(a)
+            quality.append(q)
     if len(vocab.metrics.names) >= 1 << METRIC_BITS:
         raise ValueError(f"more than {1 << METRIC_BITS} distinct metrics: refusing to pack keys")
-    return Batch(readings, incidents,
-                 np.array(times, dtype=np.int64), np.array(values, dtype=np.float64),
+    return Batch(incidents, np.array(times, dtype=np.int64), np.array(values, dtype=np.float64),
                  np.array(sensors, dtype=np.int64), np.array(metrics, dtype=np.int64),
-                 np.array(areas, dtype=np.int64), list(new_sensors.values()), duplicates)
+                 np.array(areas, dtype=np.int64), np.array(quality, dtype=np.int16),
+                 list(new_sensors.values()), duplicates)

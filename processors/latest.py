@@ -33,21 +33,26 @@ import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from processors.batch import Batch
+from processors.batch import METRIC_BITS, Batch, Dims, Vocabularies
 
+_UNKNOWN = Dims("unknown", "unknown", "unknown", "unknown")
 #: Sentinel time of a cell that has no reading yet: any real reading is newer.
 _NONE = np.iinfo(np.int64).min
 
+# Times travel as epoch milliseconds and become timestamptz exactly in SQL (no datetime
+# object per cell on our side).
 _FLUSH = """
 insert into sensor_latest as l (time, sensor_id, metric, value, district, domain, type,
-                                landmark, event_id, quality, updated_at)
-select u.*, now() from unnest($1::timestamptz[], $2::text[], $3::text[], $4::float8[],
-                              $5::text[], $6::text[], $7::text[], $8::text[], $9::text[],
-                              $10::int4[]) as u
+                                landmark, quality, updated_at)
+select timestamptz 'epoch' + u.ms * interval '1 millisecond', u.sensor_id, u.metric, u.value,
+       u.district, u.domain, u.type, u.landmark, u.quality, now()
+  from unnest($1::int8[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[],
+              $7::text[], $8::text[], $9::int4[])
+       as u (ms, sensor_id, metric, value, district, domain, type, landmark, quality)
 on conflict (sensor_id, metric) do update
    set time = excluded.time, value = excluded.value, district = excluded.district,
        domain = excluded.domain, type = excluded.type, landmark = excluded.landmark,
-       event_id = excluded.event_id, quality = excluded.quality, updated_at = now()
+       quality = excluded.quality, updated_at = now()
  where excluded.time > l.time
 """
 
@@ -56,17 +61,19 @@ class LatestState:
     """Newest reading per packed (sensor, metric) key (``Batch.sensor_key``), in arrays.
 
     ``keys`` is sorted, so a batch finds its cells with one ``np.searchsorted``; the
-    parallel arrays hold the event time (int64 ms, what is compared), the reading's COPY
-    record (an object array: value, dimensions, event id, quality, as stored) and a dirty
-    flag (changed since the last successful flush). Keys only grow: a city's fleet is
-    bounded (~140k cells for 31.5k sensors), and a sensor's key keeps its cell.
+    parallel arrays hold the event time (int64 ms, what is compared), the value, the
+    quality flags and a dirty flag (changed since the last successful flush). Names and
+    dimension text are looked up from the vocabularies only for the cells a flush writes.
+    Keys only grow: a city's fleet is bounded (~140k cells for 31.5k sensors), and a
+    sensor's key keeps its cell.
     """
 
     def __init__(self, flush_s: float = 2.0) -> None:
         self.flush_s = flush_s
         self.keys: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
         self.time_ms: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
-        self.rows: npt.NDArray[np.object_] = np.empty(0, dtype=object)
+        self.values: npt.NDArray[np.float64] = np.empty(0, dtype=np.float64)
+        self.quality: npt.NDArray[np.int16] = np.empty(0, dtype=np.int16)
         self.dirty: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
         self.last_flush = time.monotonic()
 
@@ -84,9 +91,8 @@ class LatestState:
         order = np.argsort(keys, kind="stable")
         self.keys = keys[order]
         self.time_ms = np.concatenate((self.time_ms, np.full(new.size, _NONE)))[order]
-        rows = np.empty(keys.size, dtype=object)
-        rows[: self.rows.size] = self.rows
-        self.rows = rows[order]
+        self.values = np.concatenate((self.values, np.zeros(new.size)))[order]
+        self.quality = np.concatenate((self.quality, np.zeros(new.size, np.int16)))[order]
         self.dirty = np.concatenate((self.dirty, np.zeros(new.size, dtype=bool)))[order]
 
     def update(self, batch: Batch) -> int:
@@ -107,11 +113,10 @@ class LatestState:
         if not newer.any():
             return 0
         cells = idx[newer]
+        src = pos[newer]
         self.time_ms[cells] = t[newer]
-        readings = batch.readings
-        changed = np.empty(cells.size, dtype=object)
-        changed[:] = [readings[i] for i in pos[newer].tolist()]
-        self.rows[cells] = changed
+        self.values[cells] = batch.values[src]
+        self.quality[cells] = batch.quality[src]
         self.dirty[cells] = True
         return int(cells.size)
 
@@ -120,19 +125,31 @@ class LatestState:
         now = time.monotonic() if now is None else now
         return bool(self.dirty.any()) and now - self.last_flush >= self.flush_s
 
-    def columns(self) -> tuple[npt.NDArray[np.int64], list[list[Any]]]:
-        """The dirty cells (in key order: a fixed lock order across processors) and their
-        rows as the ten ``unnest`` columns (READING_COLUMNS order)."""
-        cells = np.flatnonzero(self.dirty)
-        rows = self.rows[cells].tolist()
-        return cells, [list(c) for c in zip(*rows, strict=True)] if rows else [[]] * 10
+    def columns(self, vocab: Vocabularies) -> tuple[npt.NDArray[np.int64], list[list[Any]]]:
+        """The dirty cells and their rows as the nine ``unnest`` columns of ``_FLUSH``.
 
-    async def flush(self, conn: asyncpg.Connection, *, force: bool = False) -> int:
+        Cells come in key order, and a sensor's code orders it the same way in every
+        processor that saw the same sensors first; the upsert is one statement either way.
+        """
+        cells = np.flatnonzero(self.dirty)
+        keys = self.keys[cells]
+        sensors = keys >> METRIC_BITS
+        dims = vocab.sensor_dims
+        texts = [dims.get(c, _UNKNOWN) for c in sensors.tolist()]
+        district, domain, type_, landmark = (list(c) for c in zip(*texts, strict=True)) \
+            if texts else ([], [], [], [])
+        return cells, [self.time_ms[cells].tolist(), vocab.sensors.lookup(sensors).tolist(),
+                       vocab.metrics.lookup(keys & ((1 << METRIC_BITS) - 1)).tolist(),
+                       self.values[cells].tolist(), district, domain, type_, landmark,
+                       self.quality[cells].astype(np.int32).tolist()]
+
+    async def flush(self, conn: asyncpg.Connection, vocab: Vocabularies, *,
+                    force: bool = False) -> int:
         """Write the changed cells in one statement if due (or ``force``); returns how many
         cells were written. On failure the cells stay dirty: the next flush sends them."""
         if not (self.due() or (force and self.dirty.any())):
             return 0
-        cells, cols = self.columns()
+        cells, cols = self.columns(vocab)
         sent = self.time_ms[cells].copy()
         await conn.execute(_FLUSH, *cols)
         # Clean only what was sent and not replaced meanwhile by a newer reading.

@@ -22,7 +22,7 @@ import asyncpg
 WINDOWS = ("1m", "1h")
 
 LATEST = """
-select sensor_id, metric, time, value, district, domain, type, landmark, event_id, quality
+select sensor_id, metric, time, value, district, domain, type, landmark, quality
   from sensor_latest
  where ($1::text is null or sensor_id = $1)
    and ($2::text is null or district = $2)
@@ -33,7 +33,9 @@ select sensor_id, metric, time, value, district, domain, type, landmark, event_i
 SERIES = """
 select time, value, quality
   from readings
- where sensor_id = $1 and metric = $2 and time >= $3 and time < $4
+ where sensor = (select sensor_key from sensors where sensor_id = $1)
+   and metric = (select code from metrics where name = $2)
+   and time >= $3 and time < $4
  order by time
 """
 

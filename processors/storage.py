@@ -8,15 +8,19 @@ Kafka offsets only after this transaction commits, so a crash anywhere means the
 is delivered again, its readings conflict, nothing is inserted and nothing is counted
 twice.
 
-Write path, fast: binary COPY (``copy_records_to_table``) straight into the
-(partitioned or hypertable) readings table, guarded by its unique key on
-(event_id, metric, time): a batch of new readings costs what a raw COPY costs.
-Slow, only when that COPY hits the unique key (a redelivery after a crash, a sensor
+Write path, fast: one narrow row per reading (time, sensor key, metric code, value,
+quality), binary COPY built straight from the batch's arrays (``processors.copy``) into
+the (partitioned or hypertable) readings table, guarded by its natural key (sensor,
+metric, time): a batch of new readings costs what a raw COPY costs. The registry keys
+are resolved before the transaction (``resolve``): a sensor seen for the first time is
+registered then, in its own statement, so a rolled-back batch never leaves a cached key
+that points at nothing.
+Slow, only when that COPY hits the natural key (a redelivery after a crash, a sensor
 resending): the transaction is rolled back and redone through a temporary staging
 table: COPY into staging, then ``INSERT ... SELECT ... ON CONFLICT DO NOTHING
-RETURNING``, so exactly the rows this transaction inserted are aggregated. (Asking
-``xmin`` afterwards would spare the redo, but TimescaleDB refuses system columns on
-compressed chunks, where late resends land.)
+RETURNING`` joined back to the staged positions, so exactly the rows this transaction
+inserted are aggregated. (Asking ``xmin`` afterwards would spare the redo, but
+TimescaleDB refuses system columns on compressed chunks, where late resends land.)
 
 Rollups, plain PostgreSQL: numpy partials are COPYed to staging and upserted (n, sum,
 min, max merge; p95 keeps the larger partial and the bucket is queued in
@@ -42,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import json
 import logging
 import time
@@ -61,12 +66,12 @@ from processors.batch import (
     INCIDENT_COLUMNS,
     METRIC_BITS,
     READING_COLUMNS,
-    STAGE_COLUMNS,
     Batch,
     Vocabularies,
     columns,
     event_time,
 )
+from processors.copy import readings_payload
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify, describe, safe_text
 from processors.latest import LatestState
 from processors.rollup import ROLLUPS, WINDOWS_MS, Groups, aggregate
@@ -78,6 +83,7 @@ T = TypeVar("T")
 # (one classification for the processor and the alerts service). CONNECTION_LOST is
 # re-exported here for the modules that import it from storage.
 _RCOLS = ", ".join(READING_COLUMNS)
+_STAGE_COLUMNS = (*READING_COLUMNS, "ord")
 _ICOLS = ", ".join(INCIDENT_COLUMNS)
 _SCOPE_KEYS = {"sensor": ("sensor_id", "metric"), "district": ("district", "domain", "metric")}
 _WINDOW_INTERVAL = {"1m": "1 minute", "1h": "1 hour"}
@@ -103,9 +109,15 @@ _CLEAR_STAGE = ("delete from stage_readings; "
                 "delete from stage_sensor_rollup; delete from stage_district_rollup; "
                 "delete from stage_incidents")
 
-_INSERT_READINGS = (f"insert into readings ({_RCOLS}) select {_RCOLS} from stage_readings "
-                    "on conflict do nothing")
-_INSERT_READINGS_RETURNING = _INSERT_READINGS + " returning event_id, metric"
+# The staged positions of the rows this statement inserted (a duplicate is not returned).
+# Two staged rows with one natural key (two events that disagree on their id): the first
+# by position is inserted, and only its position is returned.
+_INSERT_READINGS_RETURNING = f"""
+with ins as (insert into readings ({_RCOLS}) select {_RCOLS} from stage_readings order by ord
+             on conflict do nothing returning sensor, metric, time)
+select min(s.ord) from stage_readings s join ins using (sensor, metric, time)
+ group by s.sensor, s.metric, s.time
+"""
 _INSERT_INCIDENTS = (f"insert into incidents ({_ICOLS}) select {_ICOLS} from stage_incidents "
                      "on conflict do nothing")
 _INSERT_DEADLETTERS = """
@@ -130,6 +142,15 @@ insert into sensors (sensor_id, domain, type, vendor, district, landmark, lat, l
 values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 on conflict (sensor_id) do nothing
 """
+_SENSOR_KEYS = "select sensor_id, sensor_key from sensors where sensor_id = any($1::text[])"
+_ENSURE_METRICS = ("insert into metrics (name) select unnest($1::text[]) "
+                   "on conflict (name) do nothing")
+_METRIC_CODES = "select name, code from metrics where name = any($1::text[])"
+
+
+class UnresolvedKey(ValueError):
+    """A reading's sensor or metric has no registry key (the registry refused it): the
+    records carrying it are poison for this batch and are parked, the rest is stored."""
 
 
 def _upsert_rollup_sql(name: str) -> str:
@@ -179,7 +200,7 @@ def _recompute_rollup_sql(name: str) -> str:
 insert into {name} as r (bucket, {keys}, n, sum, min, max, mean, p95)
 select {bucket}, {keys}, count(*), sum(value), min(value), max(value), avg(value),
        percentile_cont(0.95) within group (order by value)
-  from readings
+  from readings_named
  where time >= $1 and time < $2 and {bucket} = any($3::timestamptz[])
  group by {bucket}, {keys}
 on conflict ({keys}, bucket) do update
@@ -401,6 +422,76 @@ class Storage:
         self.known_sensors.update(s.sensor_id for s in fleet)
         return len(rows)
 
+    async def resolve(self, batch: Batch) -> None:
+        """Give every sensor and metric code of ``batch`` its registry key, registering the
+        ones seen for the first time (committed on their own, before the batch's
+        transaction: a sensor that reported is a sensor, whatever becomes of the batch).
+
+        Never raises for a sensor or metric the database refuses (a hostile id): its key
+        stays unresolved, and the write refuses the records that carry it
+        (``UnresolvedKey``), which ``isolate`` then parks. A lost database is raised.
+        """
+        vocab = self.vocab
+        vocab.db_sensor = _grown(vocab.db_sensor, len(vocab.sensors.names))
+        vocab.db_metric = _grown(vocab.db_metric, len(vocab.metrics.names))
+        if batch.new_sensors:
+            await self._each_or_all(_INSERT_SEEN_SENSOR,
+                                    [_seen_sensor_row(e) for e in batch.new_sensors])
+        codes = np.unique(batch.sensor)
+        codes = codes[vocab.db_sensor[codes] < 0]
+        if codes.size:
+            names = vocab.sensors.lookup(codes).tolist()
+            code_of = dict(zip(names, codes.tolist(), strict=True))
+            for sid, key in await self._lookup(_SENSOR_KEYS, names):
+                vocab.db_sensor[code_of[sid]] = key
+        codes = np.unique(batch.metric)
+        codes = codes[vocab.db_metric[codes] < 0]
+        if codes.size:
+            names = vocab.metrics.lookup(codes).tolist()
+            await self._each_or_all(_ENSURE_METRICS, [(names,)], split=lambda a: [
+                ([n],) for n in a[0]])
+            code_of = dict(zip(names, codes.tolist(), strict=True))
+            for name, code in await self._lookup(_METRIC_CODES, names):
+                vocab.db_metric[code_of[name]] = code
+
+    async def _lookup(self, sql: str, names: list[str]) -> list[asyncpg.Record]:
+        """Registry rows of ``names``; a name the database cannot even compare (a NUL
+        byte, a lone surrogate) is left out instead of failing the others."""
+        try:
+            return await self.conn.fetch(sql, names)
+        except Exception as exc:
+            if classify(exc) is Fault.AWAY:
+                raise
+        rows: list[asyncpg.Record] = []
+        for name in names:
+            try:
+                rows += await self.conn.fetch(sql, [name])
+            except Exception as exc:
+                if classify(exc) is Fault.AWAY:
+                    raise
+        return rows
+
+    async def _each_or_all(self, sql: str, rows: list[tuple[Any, ...]],
+                           split: Callable[[tuple[Any, ...]], list[tuple[Any, ...]]]
+                           | None = None) -> None:
+        """Run ``sql`` for all ``rows`` at once; if the database refuses them (not a lost
+        connection), row by row, skipping the refused ones (they stay unresolved)."""
+        try:
+            async with self.conn.transaction():
+                await self.conn.executemany(sql, rows)
+            return
+        except Exception as exc:
+            if classify(exc) is Fault.AWAY:
+                raise
+        for row in [r for whole in rows for r in split(whole)] if split else rows:
+            try:
+                async with self.conn.transaction():
+                    await self.conn.execute(sql, *row)
+            except Exception as exc:
+                if classify(exc) is Fault.AWAY:
+                    raise
+                log.warning("registry refused %s: %s", str(row)[:200], str(exc)[:200])
+
     # --- the hot path -----------------------------------------------------------------
     async def write(self, batch: Batch, deadletters: Sequence[StoredDeadLetter] = ()
                     ) -> WriteResult:
@@ -412,6 +503,7 @@ class Storage:
         refused record is found and parked by ``isolate``.
         """
         await self._setup()
+        await self.resolve(batch)
         backoff = Backoff(0.05, 1.0)
         for attempt in range(MAX_RETRIES):
             try:
@@ -463,6 +555,10 @@ class Storage:
         total = WriteResult()
         refused: list[tuple[Item, BaseException, int]] = []
         new_sensors: list[Event] = []
+        # Keys first, outside the transaction (see ``resolve``); a piece then only
+        # fails for what it carries.
+        await self.resolve(columns([it.thing for it in items if isinstance(it.thing, Event)],
+                                   self.vocab, self.known_sensors))
         async with self.conn.transaction():
             if len(items) == 1:  # the batch was this record: already retried by write()
                 refused.append((items[0], cause, MAX_RETRIES))
@@ -533,21 +629,25 @@ class Storage:
         t0 = time.perf_counter()
         lap = _Laps(result.steps)
         async with conn.transaction():
-            if batch.readings:
+            if len(batch):
                 stored = batch
+                sensor, metric = self._keys(batch)
                 if fast:
-                    await conn.copy_records_to_table("readings", records=batch.readings,
-                                                     columns=READING_COLUMNS)
+                    await conn.copy_to_table(
+                        "readings", columns=READING_COLUMNS, format="binary",
+                        source=io.BytesIO(readings_payload(
+                            batch.time_ms, sensor, metric, batch.values, batch.quality)))
                     inserted = len(batch)
                 else:
-                    await conn.copy_records_to_table(
-                        "stage_readings", records=[(*r, i) for i, r in enumerate(batch.readings)],
-                        columns=STAGE_COLUMNS)
+                    await conn.copy_to_table(
+                        "stage_readings", columns=_STAGE_COLUMNS, format="binary",
+                        source=io.BytesIO(readings_payload(
+                            batch.time_ms, sensor, metric, batch.values, batch.quality,
+                            ordinal=True)))
                     rows = await conn.fetch(_INSERT_READINGS_RETURNING)
                     inserted = len(rows)
-                    position = {(r[8], r[2]): i for i, r in enumerate(batch.readings)}
-                    positions = np.sort(np.fromiter(
-                        (position[(r[0], r[1])] for r in rows), dtype=np.int64, count=inserted))
+                    positions = np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64,
+                                                    count=inserted))
                     stored = batch.only(positions)
                 result.readings = inserted
                 result.duplicates += len(batch) - inserted
@@ -573,16 +673,23 @@ class Storage:
                 status = await conn.execute(_INSERT_DEADLETTERS,
                                             *(list(col) for col in zip(*rows, strict=True)))
                 result.deadletters = int(status.rsplit(" ", 1)[1])
-            if batch.new_sensors:
-                await conn.executemany(_INSERT_SEEN_SENSOR, [
-                    (e.sensor_id, e.domain, e.type, e.vendor or "unknown", e.district,
-                     e.landmark, e.lat, e.lon, e.interval_s) for e in batch.new_sensors])
             lap("other")
         lap("commit")
         result.write_s = time.perf_counter() - t0
         for step, seconds in result.steps.items():
             metrics.WRITE_STEP_SECONDS.labels(step).observe(seconds)
         return result
+
+    def _keys(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """The registry keys of the batch's sensors and metrics, as arrays; refuses the
+        batch when one has none (``resolve`` could not register it)."""
+        sensor = self.vocab.db_sensor[batch.sensor]
+        metric = self.vocab.db_metric[batch.metric]
+        if (sensor < 0).any() or (metric < 0).any():
+            missing = self.vocab.sensors.lookup(np.unique(batch.sensor[sensor < 0])).tolist()
+            missing += self.vocab.metrics.lookup(np.unique(batch.metric[metric < 0])).tolist()
+            raise UnresolvedKey(f"no registry key for {str(missing)[:300]}")
+        return sensor, metric
 
     async def _upsert_rollups(self, rollups: dict[str, Groups]) -> None:
         """COPY every partial of a scope into staging once, then one upsert per rollup."""
@@ -622,7 +729,7 @@ class Storage:
         Returns how many cells were written.
         """
         t0 = time.perf_counter()
-        n = await self.latest.flush(self.conn, force=force)
+        n = await self.latest.flush(self.conn, self.vocab, force=force)
         if n:
             metrics.WRITE_STEP_SECONDS.labels("latest_flush").observe(time.perf_counter() - t0)
         return n
@@ -671,9 +778,10 @@ class Storage:
 
     # --- continuous aggregates (timescale mode) --------------------------------------
     async def cagg_watermarks(self) -> dict[str, int]:
-        """Materialization watermark (epoch ms) of each rollup continuous aggregate."""
-        rows = await self.conn.fetch(_WATERMARKS, list(ROLLUPS))
-        return {r[0]: int(r[1]) for r in rows}
+        """Materialization watermark (epoch ms) of each rollup's continuous aggregate, by
+        rollup name."""
+        rows = await self.conn.fetch(_WATERMARKS, [cagg(n) for n in ROLLUPS])
+        return {r[0].removesuffix(_CAGG_SUFFIX): int(r[1]) for r in rows}
 
     async def refresh_late(self, result: WriteResult) -> list[str]:
         """Refresh the continuous-aggregate buckets that readings below the watermark hit."""
@@ -694,8 +802,18 @@ class Storage:
 
     async def refresh(self, name: str, lo_ms: int, hi_ms: int) -> None:
         await self.conn.execute("call refresh_continuous_aggregate($1, $2::timestamptz, "
-                                "$3::timestamptz)", name, _dt(lo_ms), _dt(hi_ms))
+                                "$3::timestamptz)", cagg(name), _dt(lo_ms), _dt(hi_ms))
         metrics.CAGG_REFRESHES.inc()
+
+
+#: TimescaleDB mode: a rollup (``sensor_rollup_1m``...) is a view giving names to the
+#: continuous aggregate ``<rollup>_agg``, which is keyed by the registry's integers.
+_CAGG_SUFFIX = "_agg"
+
+
+def cagg(rollup: str) -> str:
+    """The continuous aggregate behind a rollup view (TimescaleDB mode)."""
+    return rollup + _CAGG_SUFFIX
 
 
 #: Watermarks in epoch ms; an aggregate never materialized reports the minimum time (-> 0 here).
@@ -706,6 +824,28 @@ select user_view_name,
        )::bigint, 0) as wm
   from _timescaledb_catalog.continuous_agg where user_view_name = any($1::text[])
 """
+
+
+def _seen_sensor_row(e: Event) -> tuple[Any, ...]:
+    """A ``sensors`` row for a sensor known only from its events.
+
+    Its descriptive text is made storable (``safe_text``): whichever of the sensor's
+    events came first names it, and one hostile field there must not leave the sensor
+    without a key, its good readings unstorable. The id is its identity and is not
+    touched: an id the database cannot hold is no sensor (its records are parked).
+    """
+    def text(v: str) -> str:
+        return safe_text(v, 200) or ""
+
+    return (e.sensor_id, text(e.domain), text(e.type), text(e.vendor or "unknown"),
+            text(e.district), text(e.landmark), e.lat, e.lon, e.interval_s)
+
+
+def _grown(keys: np.ndarray, size: int) -> np.ndarray:
+    """``keys`` extended to ``size`` entries, the new ones -1 (not looked up yet)."""
+    if keys.size >= size:
+        return keys
+    return np.concatenate((keys, np.full(size - keys.size, -1, dtype=keys.dtype)))
 
 
 def _datetimes(ms: np.ndarray) -> list[datetime]:

@@ -11,7 +11,11 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 
+import asyncpg
+
+from cityops.registry import Sensor
 from ingest.contract import Event, event_id
 
 METRICS_BY_DOMAIN = {"traffic": ("flow", "speed_kmh"), "tourism": ("footfall_in",)}
@@ -91,9 +95,19 @@ class Stream:
             seen.setdefault(ev.event_id, ev)
         return list(seen.values())
 
-    def reading_rows(self) -> set[tuple[str, str]]:
-        return {(ev.event_id, m) for ev in self.distinct() if ev.kind == "reading"
-                for m in ev.measurements}
+    def reading_rows(self) -> set[tuple[str, str, int]]:
+        return row_keys(self.distinct())
+
+
+def row_keys(events: list[Event]) -> set[tuple[str, str, int]]:
+    """The natural keys (sensor, metric, event time ms) of the rows ``events`` store."""
+    return {(ev.sensor_id, m, ev.event_time) for ev in events if ev.kind == "reading"
+            for m in ev.measurements}
+
+
+#: Stored readings of the sensors matching a LIKE pattern, by natural key, with the value.
+STORED_ROWS = ("select sensor_id, metric, (extract(epoch from time) * 1000)::int8 as ms, "
+               "value from readings_named where sensor_id like $1")
 
 
 def make_stream(tag: str, end_ms: int, *, sensors: int = 24, hours: float = 2.5,
@@ -147,3 +161,43 @@ def _event(sid: str, district: str, domain: str, t: int, m: dict[str, float]) ->
                  district=district, landmark="street_30_4", lat=10.03, lon=105.78,
                  event_time=t, receive_time=t + 100, interval_s=20, measurements=m,
                  vendor="compact")
+
+
+_SEED_SENSOR = """
+insert into sensors (sensor_id, domain, type, vendor, district, landmark, lat, lon, interval_s)
+values ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+on conflict (sensor_id) do update set updated_at = now()
+returning sensor_key
+"""
+_SEED_METRIC = """
+with new as (insert into metrics (name) values ($1) on conflict (name) do nothing
+             returning code)
+select code from new union all select code from metrics where name = $1
+"""
+_SEED_LATEST = """
+insert into sensor_latest (sensor_id, metric, time, value, district, domain, type, landmark)
+values ($1, $2, $3, $4, $5, $6, $7, $8)
+on conflict (sensor_id, metric) do update set value = excluded.value, time = excluded.time
+"""
+
+
+async def seed_readings(db: asyncpg.Connection | asyncpg.Pool, sensor: Sensor,
+                        rows: list[tuple[datetime, str, float]], *, latest: bool = True) -> None:
+    """Store readings ``(time, metric, value)`` of ``sensor`` the way the processor does
+    (registry keys, one narrow row each), and its newest per metric as latest state: for
+    tests and benchmarks that need data in place without running the pipeline."""
+    key = await db.fetchval(_SEED_SENSOR, sensor.sensor_id, sensor.domain, sensor.type,
+                            sensor.vendor, sensor.district, sensor.landmark, sensor.lat,
+                            sensor.lon, sensor.interval_s)
+    codes = {m: await db.fetchval(_SEED_METRIC, m) for m in {r[1] for r in rows}}
+    await db.executemany(
+        "insert into readings (time, sensor, metric, value) values ($1, $2, $3, $4) "
+        "on conflict do nothing", [(t, key, codes[m], v) for t, m, v in rows])
+    if latest:
+        newest: dict[str, tuple[datetime, str, float]] = {}
+        for r in rows:
+            if r[1] not in newest or r[0] > newest[r[1]][0]:
+                newest[r[1]] = r
+        await db.executemany(_SEED_LATEST, [
+            (sensor.sensor_id, m, t, v, sensor.district, sensor.domain, sensor.type,
+             sensor.landmark) for t, m, v in newest.values()])

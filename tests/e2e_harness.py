@@ -161,7 +161,8 @@ class Expected:
 
     messages: int = 0
     duplicates_sent: int = 0
-    readings: dict[str, int] = field(default_factory=dict)  # event id -> metrics
+    # (sensor id, event time ms) -> metrics: a reading's natural key, as stored
+    readings: dict[tuple[str, int], int] = field(default_factory=dict)
     incidents: set[str] = field(default_factory=set)
     deadletters: collections.Counter[str] = field(default_factory=collections.Counter)
     heartbeats: int = 0  # readings without measurements (panic buttons' HEARTBEAT)
@@ -200,14 +201,13 @@ def expected_from_truth(path: Path) -> Expected:
                 if r.malformed is not None:
                     exp.deadletters[r.malformed] += 1
                     continue
-                eid = event_id(r.sensor_id, r.event_time, r.kind, r.incident)
                 if r.kind != "incident" and not r.measurements:
                     exp.heartbeats += 1  # a liveness ping: no row to store, nothing to count
                     continue
                 if r.kind == "incident":
-                    exp.incidents.add(eid)
+                    exp.incidents.add(event_id(r.sensor_id, r.event_time, r.kind, r.incident))
                 else:
-                    exp.readings[eid] = len(r.measurements)
+                    exp.readings[(r.sensor_id, r.event_time)] = len(r.measurements)
                 exp.min_time_ms = min(exp.min_time_ms, r.event_time)
                 exp.max_time_ms = max(exp.max_time_ms, r.event_time)
     return exp
@@ -242,28 +242,38 @@ async def deadletter_watermark(conn: asyncpg.Connection) -> int:
 
 
 async def count_stored(conn: asyncpg.Connection, exp: Expected, dl_after_id: int = 0) -> Stored:
-    """Count the expected events and dead letters in the database (one temp-table join)."""
+    """Count the expected events and dead letters in the database (temp-table joins).
+
+    A reading is found by its natural key (sensor, event time), through the registry's
+    integer key: the narrow ``readings`` row carries no text. An incident by its event id.
+    """
     await conn.execute("create temp table if not exists e2e_expected "
-                       "(event_id text primary key, metrics int not null)")
+                       "(sensor_id text, time_ms int8, event_id text, metrics int not null)")
     await conn.execute("truncate e2e_expected")
-    records = [(k, v) for k, v in exp.readings.items()] + [(k, 1) for k in exp.incidents]
+    records = [(k[0], k[1], None, v) for k, v in exp.readings.items()] + [
+        (None, None, k, 1) for k in exp.incidents]
     await conn.copy_records_to_table("e2e_expected", records=records)
     await conn.execute("analyze e2e_expected")
     lo = datetime.fromtimestamp(exp.min_time_ms / 1000 - 1, UTC) if records else None
     hi = datetime.fromtimestamp(exp.max_time_ms / 1000 + 1, UTC) if records else None
     row = await conn.fetchrow(
         """
-        with got as (
-            select event_id, count(*) as n, count(distinct metric) as nd
-              from readings where time between $1 and $2
-               and event_id in (select event_id from e2e_expected) group by event_id
+        with want as (
+            select e.metrics, s.sensor_key,
+                   timestamptz 'epoch' + e.time_ms * interval '1 millisecond' as time
+              from e2e_expected e join sensors s using (sensor_id)),
+        got as (
+            select w.metrics, count(*) as n, count(distinct r.metric) as nd
+              from want w join readings r
+                on r.sensor = w.sensor_key and r.time = w.time and r.time between $1 and $2
+             group by w.sensor_key, w.time, w.metrics
             union all
-            select event_id, count(*), count(*) from incidents where time between $1 and $2
-               and event_id in (select event_id from e2e_expected) group by event_id)
-        select count(*) filter (where g.nd >= e.metrics) as complete,
+            select 1, count(*), count(*) from incidents i join e2e_expected e using (event_id)
+             where i.time between $1 and $2 group by event_id)
+        select count(*) filter (where g.nd >= g.metrics) as complete,
                coalesce(sum(g.n), 0) as rows,
                coalesce(sum(g.n - g.nd), 0) as dups
-          from e2e_expected e join got g using (event_id)
+          from got g
         """, lo, hi)
     dl = await conn.fetch(
         "select reason, count(*) as n, count(distinct (mqtt_topic, payload, reason)) as nd "

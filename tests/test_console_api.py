@@ -234,20 +234,14 @@ async def test_live_stream_pushes_changes(console: ConsoleServer, pool: asyncpg.
 
 async def test_sensor_latest_and_series(console: ConsoleServer, pool: asyncpg.Pool) -> None:
     from cityops.registry import Sensor
+    from processors.testing import seed_readings
 
     # a sensor of this test only (the processors' tests own the fleet's rows)
     s = Sensor(f"t{RUN}-ld", "traffic", "lane_detector", "saomai", "ninh_kieu", "street_30_4",
                10.03, 105.77, 60)
     t0 = now_ms() - 30 * 60_000
-    rows = [(datetime.fromtimestamp((t0 + 60_000 * i) / 1000, UTC), s.sensor_id, "speed_kmh",
-             30.0 + i, s.district, s.domain, s.type, s.landmark, f"{RUN}-{i}") for i in range(20)]
-    await pool.executemany("insert into readings (time, sensor_id, metric, value, district, "
-                           "domain, type, landmark, event_id) values ($1,$2,$3,$4,$5,$6,$7,$8,"
-                           "$9) on conflict do nothing", rows)
-    await pool.execute("insert into sensor_latest (sensor_id, metric, time, value, district, "
-                       "domain, type, landmark, event_id) values ($1,$2,$3,$4,$5,$6,$7,$8,$9) "
-                       "on conflict (sensor_id, metric) do update set value = excluded.value, "
-                       "time = excluded.time", *rows[-1][1:3], rows[-1][0], *rows[-1][3:])
+    await seed_readings(pool, s, [(datetime.fromtimestamp((t0 + 60_000 * i) / 1000, UTC),
+                                   "speed_kmh", 30.0 + i) for i in range(20)])
     async with logged_in(console, "viewer") as c:
         d = (await c.get(f"/api/sensors/{s.sensor_id}")).json()
         assert d["sensor"]["landmark"] == s.landmark and d["latest"]["speed_kmh"]["value"] == 49

@@ -188,23 +188,16 @@ async def test_sensor_page_latest_values_and_sparkline(
         context: BrowserContext, console: ConsoleServer, pool: asyncpg.Pool,
         artifacts: Path) -> None:
     from cityops.registry import Sensor
+    from processors.testing import seed_readings
 
     # a sensor of this test only (the processors' tests own the fleet's rows)
     s = Sensor(f"t{RUN}-ld", "traffic", "lane_detector", "compact", "ninh_kieu", "street_3_2",
                10.03, 105.77, 60)
     t0 = now_ms() - 40 * 60_000
-    rows = [(datetime.fromtimestamp((t0 + 60_000 * i) / 1000, UTC), s.sensor_id, m,
-             v, s.district, s.domain, s.type, s.landmark, f"{RUN}-{m}-{i}")
-            for i in range(40) for m, v in (("speed_kmh", 35 + 10 * ((i % 12) / 12) - i * 0.4),
-                                            ("flow", 40.0 + (i * 7) % 23))]
-    await pool.executemany("insert into readings (time, sensor_id, metric, value, district, "
-                           "domain, type, landmark, event_id) values ($1,$2,$3,$4,$5,$6,$7,"
-                           "$8,$9) on conflict do nothing", rows)
-    for r in rows[-2:]:
-        await pool.execute("insert into sensor_latest (sensor_id, metric, time, value, district,"
-                           " domain, type, landmark, event_id) values ($1,$2,$3,$4,$5,$6,$7,$8,"
-                           "$9) on conflict (sensor_id, metric) do update set value = "
-                           "excluded.value, time = excluded.time", r[1], r[2], r[0], *r[3:])
+    await seed_readings(pool, s, [
+        (datetime.fromtimestamp((t0 + 60_000 * i) / 1000, UTC), m, v)
+        for i in range(40) for m, v in (("speed_kmh", 35 + 10 * ((i % 12) / 12) - i * 0.4),
+                                        ("flow", 40.0 + (i * 7) % 23))])
     page = context.pages[0] if context.pages else await context.new_page()
     await sign_in(page, console, USERS["viewer"], PASSWORD)
     await expect(page).to_have_url(console.url + "/")

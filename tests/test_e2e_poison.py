@@ -23,6 +23,7 @@ import pytest
 from cityops.registry import load_fleet
 from ingest import samples
 from ingest.normalize import InboundMessage, Normalizer
+from processors.testing import row_keys
 from tests.e2e_harness import City, publish_now
 from tests.test_ingest_normalize import _lane_bytes, gateway_bytes, poison_elements
 
@@ -62,7 +63,7 @@ async def test_poison_through_the_whole_stack_stops_nothing_and_loses_no_good_re
     assert len(cases) < len(goods)
     good, _ = Normalizer(fleet, s).normalize(
         [InboundMessage(t, p, t0) for t, p in msgs if (t, p) not in {c[:2] for c in cases}])
-    want_rows = {(e.event_id, m) for e in good if e.kind == "reading" for m in e.measurements}
+    want_rows = row_keys(good)
     assert len(want_rows) > len(goods)
 
     conn = await asyncpg.connect(s.pg_dsn)
@@ -70,12 +71,15 @@ async def test_poison_through_the_whole_stack_stops_nothing_and_loses_no_good_re
         dl_before = await conn.fetchval("select coalesce(max(id), 0) from deadletters")
         await asyncio.to_thread(publish_now, s, msgs)
         deadline = time.monotonic() + 120
-        stored: set[tuple[str, str]] = set()
+        stored: set[tuple[str, str, int]] = set()
+        sensor_ids = list({e.sensor_id for e in good})
         letters: list[asyncpg.Record] = []
         while time.monotonic() < deadline:
-            rows = await conn.fetch("select event_id, metric from readings where event_id = "
-                                    "any($1::text[])", list({e.event_id for e in good}))
-            stored = {(r["event_id"], r["metric"]) for r in rows}
+            rows = await conn.fetch(
+                "select sensor_id, metric, (extract(epoch from time) * 1000)::int8 "
+                "from readings_named where sensor_id = any($1::text[]) and time >= $2",
+                sensor_ids, datetime.fromtimestamp(t0 / 1000 - 3600, UTC))
+            stored = {(r[0], r[1], r[2]) for r in rows} & want_rows
             letters = await conn.fetch("select reason, payload, detail from deadletters "
                                        "where id > $1 and service = 'ingest'", dl_before)
             if stored >= want_rows and len(letters) >= len(cases):
@@ -89,7 +93,7 @@ async def test_poison_through_the_whole_stack_stops_nothing_and_loses_no_good_re
         assert all(r["detail"] for r in letters)
         # Nothing poison became a reading: the lane sensor's poison stored no row.
         sa_id = cases[0][0].rsplit("/", 1)[1]
-        assert await conn.fetchval("select count(*) from readings where sensor_id = $1 "
+        assert await conn.fetchval("select count(*) from readings_named where sensor_id = $1 "
                                    "and time >= $2", sa_id,
                                    datetime.fromtimestamp(t0 / 1000, UTC)) == 0
         assert await conn.fetchval("select count(*) from parked") == 0

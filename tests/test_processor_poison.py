@@ -28,7 +28,7 @@ from processors import queries
 from processors.batch import columns
 from processors.service import Processor
 from processors.storage import Storage, StoredDeadLetter
-from processors.testing import make_stream, reference_latest, reference_rollups
+from processors.testing import STORED_ROWS, make_stream, reference_latest, reference_rollups
 from tests.test_processors import (
     assert_rollups_equal,
     count_rows,
@@ -163,13 +163,15 @@ async def test_poison_records_are_parked_and_every_good_record_is_stored(
     stream = make_stream(tag, now_ms - 60_000, sensors=6, hours=0.3, seed=23)
     expected = stream.reading_rows()
     model = stream.all[0]
+    incident = next(e for e in stream.all if e.kind == "incident")
     poison = {
-        # An int4 column gets 2**40: the client refuses to encode it (OverflowError).
-        "OverflowError": (s.topics.events, encode_event(msgspec.structs.replace(
-            model, event_id=uuid.uuid4().hex, event_time=now_ms - 7, quality=2 ** 40))),
-        # A NUL inside a text column of a reading: the server refuses it.
-        "CharacterNotInRepertoireError": (s.topics.events, encode_event(msgspec.structs.replace(
+        # A NUL in a reading's sensor id: the registry refuses the sensor, so the reading
+        # has no sensor key to be stored under.
+        "UnresolvedKey": (s.topics.events, encode_event(msgspec.structs.replace(
             model, event_id=uuid.uuid4().hex, sensor_id=f"{tag}-s\x00x", event_time=now_ms - 9))),
+        # A NUL inside a text column of an incident: the server refuses it.
+        "CharacterNotInRepertoireError": (s.topics.events, encode_event(msgspec.structs.replace(
+            incident, event_id=uuid.uuid4().hex, landmark="l\x00x", event_time=now_ms - 7))),
         # A dead letter received in the year 3 million: no timestamptz for it.
         "dead letter": (s.topics.deadletter, encode_deadletter(DeadLetter(
             reason="bad_json", detail=f"{tag} far future", mqtt_topic=f"city/{tag}",
@@ -192,6 +194,9 @@ async def test_poison_records_are_parked_and_every_good_record_is_stored(
             sent = {}
             for name, (topic, value) in poison.items():
                 sent[name] = (value, await (await producer.send(topic, value)))
+            # Outside the contract (quality past 16 bits): refused at decode, dead-lettered.
+            await producer.send_and_wait(s.topics.events, encode_event(msgspec.structs.replace(
+                model, event_id=uuid.uuid4().hex, event_time=now_ms - 5, quality=2 ** 40)))
             await produce(s, stream.all[half:])
 
             async def all_stored() -> bool:
@@ -218,12 +223,12 @@ async def test_poison_records_are_parked_and_every_good_record_is_stored(
 
         # Every good reading exactly once; the rollups count nothing twice or lost (the
         # isolating savepoints start from empty staging tables).
-        rows = await conn.fetch("select event_id, metric, count(*) from readings "
-                                "where sensor_id like $1 group by 1, 2", f"{tag}-%")
-        assert {(r[0], r[1]) for r in rows} == expected and all(r[2] == 1 for r in rows)
+        rows = await conn.fetch(f"select sensor_id, metric, ms, count(*) from ({STORED_ROWS}) r "
+                                "group by 1, 2, 3", f"{tag}-%")
+        assert {(r[0], r[1], r[2]) for r in rows} == expected and all(r[3] == 1 for r in rows)
         assert_rollups_equal(await db_rollups(conn, tag), reference_rollups(stream.all))
-        # Latest state holds committed readings only: the parked OverflowError reading is
-        # the newest of its sensor, yet it never became latest (nor stuck the flushes).
+        # Latest state holds committed readings only: the parked reading never became
+        # latest (nor stuck the flushes); the out-of-contract one below neither.
         latest = {(r["sensor_id"], r["metric"]): (int(r["time"].timestamp() * 1000), r["value"])
                   for r in await conn.fetch("select * from sensor_latest where sensor_id "
                                             "like $1", f"{tag}-%")}
@@ -242,6 +247,10 @@ async def test_poison_records_are_parked_and_every_good_record_is_stored(
         assert parked_total(s.topics.deadletter) - before[s.topics.deadletter] == 1
         assert not await conn.fetchval("select count(*) from deadletters where detail = $1",
                                        f"{tag} far future")
+        assert await conn.fetchval(
+            "select count(*) from deadletters where service = 'processor' and reason = "
+            "'bad_event' and detail like '%$.quality%' and position($1::bytea in payload) > 0",
+            model.sensor_id.encode()) == 1
     finally:
         await producer.stop()
         await conn.close()

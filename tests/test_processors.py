@@ -37,7 +37,13 @@ from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS, aggregate, decode_rollup
 from processors.service import Processor
 from processors.storage import Storage
-from processors.testing import make_stream, reference_latest, reference_rollups
+from processors.testing import (
+    STORED_ROWS,
+    make_stream,
+    reference_latest,
+    reference_rollups,
+    row_keys,
+)
 from tests.support import free_port, topic_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +107,7 @@ async def db_latest(conn: asyncpg.Connection, tag: str
 
 async def count_rows(conn: asyncpg.Connection, tag: str) -> int:
     return int(await conn.fetchval(
-        "select count(*) from readings where sensor_id like $1", f"{tag}-%"))
+        "select count(*) from readings_named where sensor_id like $1", f"{tag}-%"))
 
 
 async def db_rollups(conn: asyncpg.Connection, tag: str) -> dict[str, dict[tuple, tuple]]:
@@ -149,8 +155,7 @@ async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Se
     try:
         async with running(s, storage) as processor:
             await produce(s, stream.first)
-            first_rows = {(e.event_id, m) for e in stream.first if e.kind == "reading"
-                          for m in e.measurements}
+            first_rows = row_keys(stream.first)
             await wait_for(lambda: _eq(count_rows(conn, tag), len(first_rows)), 60,
                            "the first phase stored")
             # Phase 2: late readings for windows already rolled up, duplicates, bad input.
@@ -175,16 +180,13 @@ async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Se
                            30, "latest state flushed")
             assert processor.healthy
 
-        # Readings: every (event, metric) exactly once, with its value and dimensions.
-        rows = await conn.fetch("select event_id, metric, value, sensor_id, time from readings "
-                                "where sensor_id like $1", f"{tag}-%")
+        # Readings: every (sensor, metric, time) exactly once, with its value.
+        rows = await conn.fetch(STORED_ROWS, f"{tag}-%")
         assert len(rows) == len(expected_rows)
-        assert {(r[0], r[1]) for r in rows} == expected_rows
-        by_id = {e.event_id: e for e in distinct}
+        assert {(r[0], r[1], r[2]) for r in rows} == expected_rows
+        by_key = {(e.sensor_id, e.event_time): e for e in distinct if e.kind == "reading"}
         for r in rows[:500]:
-            ev = by_id[r[0]]
-            assert r[2] == ev.measurements[r[1]] and r[3] == ev.sensor_id
-            assert int(r[4].timestamp() * 1000) == ev.event_time
+            assert r[3] == by_key[(r[0], r[2])].measurements[r[1]]
 
         # Rollups (after late data and p95 repair) equal the plain-Python reference.
         want = reference_rollups(stream.all)
@@ -282,9 +284,7 @@ async def test_same_batch_twice_counts_once(settings: Settings) -> None:
         # Half old, half new: only the new half is aggregated.
         mixed = stream.first[: len(stream.first) // 2] + stream.second
         res = await storage.write(columns(mixed, storage.vocab, storage.known_sensors))
-        new_rows = {(e.event_id, m) for e in stream.second if e.kind == "reading"
-                    for m in e.measurements} - {(e.event_id, m) for e in stream.first
-                                                if e.kind == "reading" for m in e.measurements}
+        new_rows = row_keys(stream.second) - row_keys(stream.first)
         assert res.readings == len(new_rows)
         assert int(res.rollups["sensor_rollup_1m"].n.sum()) == len(new_rows)
         await storage.repair_p95(limit=100_000)
@@ -302,7 +302,8 @@ def test_latest_state_keeps_the_newest_by_event_time_and_marks_only_changes() ->
     rng = np.random.default_rng(1)
     for part in np.array_split(rng.permutation(len(readings)), 7):  # shuffled batches
         state.update(columns([readings[i] for i in part.tolist()], vocab, set()))
-    got = {(r[1], r[2]): (int(r[0].timestamp() * 1000), r[3]) for r in state.rows.tolist()}
+    _, (ms, sensor, metric, value, *_) = state.columns(vocab)  # every cell is dirty
+    got = {(s, m): (t, v) for t, s, m, v in zip(ms, sensor, metric, value, strict=True)}
     assert got == reference_latest(readings)
     assert state.pending == len(got) == len(state)
     assert not state.due()  # changed, but the flush period has not passed
@@ -407,9 +408,8 @@ async def test_partman_premakes_and_drops_old_partitions(settings: Settings) -> 
         part = f"readings_p{old:%Y_%m_%d}"
         assert await conn.fetchval("select to_regclass($1) is not null", part)
         await conn.execute(
-            "insert into readings (time, sensor_id, metric, value, district, domain, type, "
-            "landmark, event_id, quality) values ($1, 'old-s', 'flow', 1, 'd', 'traffic', "
-            "'lane_detector', 'l', $2, 0)", old, uuid.uuid4().hex)
+            "insert into readings (time, sensor, metric, value, quality) "
+            "values ($1, -1, 1, 1, 0)", old)
         done = await run_maintenance(conn, "postgres", settings.retention_days)
         assert "partman.run_maintenance_proc" in done
         assert not await conn.fetchval("select to_regclass($1) is not null", part)
@@ -471,10 +471,10 @@ async def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(
         assert 'cityops_process_consumer_lag{partition="0"}' in metrics
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
-        rows = await conn.fetch("select event_id, metric, count(*) from readings "
-                                "where sensor_id like $1 group by 1, 2", f"{tag}-%")
-        assert {(r[0], r[1]) for r in rows} == expected
-        assert all(r[2] == 1 for r in rows)
+        rows = await conn.fetch(f"select sensor_id, metric, ms, count(*) from ({STORED_ROWS}) r "
+                                "group by 1, 2, 3", f"{tag}-%")
+        assert {(r[0], r[1], r[2]) for r in rows} == expected
+        assert all(r[3] == 1 for r in rows)
         # No batch counted twice in the rollups, none lost: exact against the reference.
         assert_rollups_equal(await db_rollups(conn, tag), reference_rollups(stream.all))
         incidents = {e.event_id for e in stream.distinct() if e.kind == "incident"}

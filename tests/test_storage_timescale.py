@@ -26,8 +26,8 @@ from processors.batch import columns
 from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS
 from processors.schema import migrate
-from processors.storage import Storage
-from processors.testing import make_stream, reference_latest, reference_rollups
+from processors.storage import Storage, cagg
+from processors.testing import make_stream, reference_latest, reference_rollups, row_keys
 from tests.test_processors import (
     assert_rollups_equal,
     count_rows,
@@ -61,7 +61,15 @@ async def test_migrations_build_hypertables_caggs_and_policies(ts_dsn: str) -> N
         caggs = {r[0]: r[1] for r in await conn.fetch(
             "select view_name, materialized_only "
             "from timescaledb_information.continuous_aggregates")}
-        assert caggs == dict.fromkeys(ROLLUPS, False)  # real-time aggregation on
+        # Real-time aggregation on; each keyed by integers, named by a view of its rollup.
+        assert caggs == {cagg(name): False for name in ROLLUPS}
+        views = {r[0] for r in await conn.fetch(
+            "select table_name from information_schema.views where table_schema = 'public'")}
+        assert {*ROLLUPS, "readings_named"} <= views
+        columns_ = [r[0] for r in await conn.fetch(
+            "select column_name from information_schema.columns where table_name = 'readings' "
+            "order by ordinal_position")]
+        assert columns_ == ["time", "sensor", "metric", "value", "quality"]
         jobs = {(r[0], r[1]) for r in await conn.fetch(
             "select proc_name, hypertable_name from timescaledb_information.jobs")}
         assert {("policy_compression", "readings"), ("policy_retention", "readings"),
@@ -82,8 +90,7 @@ async def test_processor_into_timescale_matches_reference_and_plain_mode(
     now_ms = int(time.time() * 1000)
     stream = make_stream(tag, now_ms - 60_000, sensors=12, hours=2.2, seed=21)
     expected = stream.reading_rows()
-    first_rows = {(e.event_id, m) for e in stream.first if e.kind == "reading"
-                  for m in e.measurements}
+    first_rows = row_keys(stream.first)
     # The same stream through two processors: one on TimescaleDB, one on plain PostgreSQL.
     s_ts = private(settings, tag + "ts")
     s_pg = private(settings, tag + "pg")
@@ -119,7 +126,7 @@ async def test_processor_into_timescale_matches_reference_and_plain_mode(
         assert_rollups_equal(await db_rollups(pg, tag), want)
         # Late readings were below the watermark: only the explicit refresh put them in the
         # materialized part. Read the materialization alone to prove it.
-        await ts.execute("alter materialized view sensor_rollup_1m "
+        await ts.execute("alter materialized view sensor_rollup_1m_agg "
                          "set (timescaledb.materialized_only = true)")
         try:
             mat = await db_rollups(ts, tag)
@@ -128,7 +135,7 @@ async def test_processor_into_timescale_matches_reference_and_plain_mode(
             for key in late:
                 assert mat["sensor_rollup_1m"][key][0] == want["sensor_rollup_1m"][key].n
         finally:
-            await ts.execute("alter materialized view sensor_rollup_1m "
+            await ts.execute("alter materialized view sensor_rollup_1m_agg "
                              "set (timescaledb.materialized_only = false)")
 
         # The shared queries give the same answers in both modes.
@@ -160,7 +167,7 @@ async def test_processor_into_timescale_matches_reference_and_plain_mode(
 
 
 async def ts_storage_refresh(conn: asyncpg.Connection, name: str) -> None:
-    await conn.execute("call refresh_continuous_aggregate($1, null, now())", name)
+    await conn.execute("call refresh_continuous_aggregate($1, null, now())", cagg(name))
 
 
 def _same(a: list[asyncpg.Record], b: list[asyncpg.Record]) -> None:
@@ -204,7 +211,7 @@ async def test_compression_and_retention_through_the_sink(ts_dsn: str) -> None:
         extra = make_stream(tag, now_ms - 5 * 86_400_000 + 600_000, sensors=4, hours=0.05,
                             seed=9, incidents=0, dup_share=0, late_share=0).first
         res = await storage.write(columns(again + extra, storage.vocab, storage.known_sensors))
-        new_rows = {(e.event_id, m) for e in extra for m in e.measurements} - old.reading_rows()
+        new_rows = row_keys(extra) - old.reading_rows()
         assert res.readings == len(new_rows)
         assert int(res.rollups["sensor_rollup_1m"].n.sum()) == len(new_rows)
         total = old.reading_rows() | new_rows

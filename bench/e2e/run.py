@@ -64,7 +64,6 @@ import psutil  # noqa: E402
 from cityops.registry import Sensor, load_fleet  # noqa: E402
 from cityops.settings import Settings  # noqa: E402
 from ingest import samples  # noqa: E402
-from ingest.contract import event_id  # noqa: E402
 from simulators.publisher import open_sink  # noqa: E402
 from simulators.simulation import Simulation  # noqa: E402
 from tests.e2e_harness import (  # noqa: E402
@@ -132,7 +131,7 @@ class Probes:
                     k += 1
                     ms = int(time.time() * 1000)
                     topic, payload = samples.device_message(sensor, ms)
-                    self.readings[event_id(sensor.sensor_id, ms)] = time.time()
+                    self.readings[(sensor.sensor_id, ms)] = time.time()
                     c.publish(topic, payload)
                     t_read += 1 / self.reading_hz
                 if now >= t_alert and self._next_panic < len(self.panic):
@@ -165,14 +164,19 @@ class Probes:
                         ) -> tuple[list[float], list[float], int, int]:
         """Seconds publish->stored and publish->alert; plus how many never arrived."""
         deadline = time.monotonic() + wait_s
-        stored: dict[str, float] = {}
+        stored: dict[tuple[str, int], float] = {}
         alerted: dict[str, float] = {}
+        sensors = list({k[0] for k in self.readings})
+        lo = datetime.fromtimestamp(min((k[1] for k in self.readings), default=0) / 1000, UTC)
         while True:
+            # Probe readings by their natural key (sensor, event time), through the registry.
             rows = await conn.fetch(
-                "select event_id, extract(epoch from min(pg_xact_commit_timestamp(xmin))) t "
-                "from readings where event_id = any($1) group by event_id",
-                list(self.readings))
-            stored = {r["event_id"]: float(r["t"]) for r in rows if r["t"] is not None}
+                "select s.sensor_id, (extract(epoch from r.time) * 1000)::int8 ms, "
+                "extract(epoch from min(pg_xact_commit_timestamp(r.xmin))) t "
+                "from readings r join sensors s on s.sensor_key = r.sensor "
+                "where s.sensor_id = any($1) and r.time >= $2 group by 1, 2", sensors, lo)
+            stored = {(r[0], r[1]): float(r["t"]) for r in rows
+                      if r["t"] is not None and (r[0], r[1]) in self.readings}
             rows = await conn.fetch(
                 "select source, extract(epoch from min(raised_at)) t from alerts "
                 "where rule_id = 'panic_button' and source = any($1) group by source",
@@ -429,13 +433,11 @@ async def copy_ceiling(settings: Settings, rows: int = 200_000) -> dict[str, Any
     conn = await asyncpg.connect(settings.pg_dsn)
     try:
         records = await conn.fetch(
-            "select time, sensor_id, metric, value, district, domain, type, landmark, event_id, "
-            "quality from readings limit $1", rows)
+            "select time, sensor, metric, value, quality from readings limit $1", rows)
         records = [tuple(r) for r in records]
         await conn.execute("drop table if exists e2e_copy_ceiling")
         await conn.execute("create table e2e_copy_ceiling (like readings including all)")
-        cols = ["time", "sensor_id", "metric", "value", "district", "domain", "type",
-                "landmark", "event_id", "quality"]
+        cols = ["time", "sensor", "metric", "value", "quality"]
         t = time.perf_counter()
         for i in range(0, len(records), 5000):  # the processor's batch size
             async with conn.transaction():
