@@ -474,7 +474,7 @@ async def soak(city: City, fleet: Path, rate: float, seconds: float, start_ms: i
 
 
 # --- plots ------------------------------------------------------------------------------------
-def plot(result: dict[str, Any], prefix: str) -> list[str]:
+def plot(result: dict[str, Any], prefix: str, out: Path = RESULTS) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -491,7 +491,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        made.append(str(path.relative_to(ROOT)))
+        made.append(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
     if steps:
         offered = [s["offered_msgs_per_s"] for s in steps]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -510,7 +510,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_ylabel("messages/s")
         ax.set_title("cityops end to end: throughput vs offered rate", fontsize=10)
         ax.legend(fontsize=8)
-        save(fig, RESULTS / f"{prefix}_throughput.png")
+        save(fig, out / f"{prefix}_throughput.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for key, style, name in (("latency_stored_ms", "-", "publish→stored"),
@@ -525,7 +525,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_ylabel("latency (ms, log)")
         ax.set_title("cityops end to end: latency percentiles", fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-        save(fig, RESULTS / f"{prefix}_latency.png")
+        save(fig, out / f"{prefix}_latency.png")
     if result.get("soak"):
         sk = result["soak"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -536,8 +536,8 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_title(f"cityops soak at {sk['rate']:,.0f} msg/s: memory per service",
                      fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-        save(fig, RESULTS / (f"{prefix}_memory.png" if prefix.endswith("_soak")
-                             else f"{prefix}_soak_memory.png"))
+        save(fig, out / (f"{prefix}_memory.png" if prefix.endswith("_soak")
+                         else f"{prefix}_soak_memory.png"))
     return made
 
 
@@ -707,6 +707,9 @@ def main() -> None:
     p.add_argument("--no-ceilings", dest="ceilings", action="store_false")
     p.add_argument("--ceiling-messages", type=int, default=100_000)
     p.add_argument("--out", default=None, help="result name under bench/results (e2e)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS,
+                   help="folder for the JSON and plots (bench/results); a smoke run can "
+                        "write elsewhere and leave the recorded results alone")
     args = p.parse_args()
     name = args.out or ("e2e_soak" if args.soak and not args.rates else
                         "e2e" if args.mode == "single" else "e2e_gateway")
@@ -720,11 +723,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     result = asyncio.run(main_async(args))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plot(result, name)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plot(result, name, args.out_dir)
+    (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result.get("summary", {}), indent=1))
-    print(f"wrote bench/results/{name}.json and {', '.join(result['plots'])}")
+    print(f"wrote {args.out_dir / name}.json and {', '.join(result['plots'])}")
 
 
 if __name__ == "__main__":
