@@ -12,7 +12,12 @@ pipeline no longer keeps up):
     the load; stored = the commit timestamp of their rows (``track_commit_timestamp``);
   * latency publish -> alert: probe panic-button presses (1/s, a fresh button each time,
     rule ``panic_button``) until the alert row exists (its ``raised_at``);
-  * CPU (cores used) and peak RSS of every worker and server (psutil, process trees).
+  * CPU (cores used) and peak RSS of every worker and server (psutil, process trees);
+  * what each reading costs the hot path (issue 15), read from the servers' counters
+    between the step's start and ``--stats-settle-s`` after it drained: database row
+    writes per stored reading (``pg_stat_user_tables``, partitions under their parent),
+    Kafka records per MQTT message (topic end offsets), and CPU microseconds per reading
+    per service (``bench/e2e/counters.py``). Probes count in these denominators.
 Same-run ceilings it is compared with (workers stopped, same stack): a bare MQTT
 pub/sub loop (the simulator's publisher -> Mosquitto -> a paho subscriber that only
 counts, QoS 1) and raw asyncpg COPY of rows the pipeline stored into a table like
@@ -61,6 +66,7 @@ import numpy as np  # noqa: E402
 import paho.mqtt.client as paho  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.e2e import counters  # noqa: E402
 from cityops.registry import Sensor, load_fleet  # noqa: E402
 from cityops.settings import Settings  # noqa: E402
 from ingest import samples  # noqa: E402
@@ -218,17 +224,24 @@ def resources(sampler: ResourceSampler, t0: float, t1: float) -> dict[str, dict[
 
 
 def cpu_per_message(res: dict[str, dict[str, float]], messages: int,
-                    cores: int) -> dict[str, Any]:
+                    cores: int, readings: int = 0) -> dict[str, Any]:
     """CPU milliseconds each service spent per published message over the step, and the
     rate the whole co-located stack could reach if CPU were the only limit
     (``cores`` / total CPU seconds per message). Unlike a wall-clock rate this barely
-    depends on what else the machine runs, so it says where the cycles go."""
+    depends on what else the machine runs, so it says where the cycles go. Also CPU
+    microseconds per stored reading: a gateway message carries many readings, and the
+    per-reading budget (issue 15) is what compares across modes."""
     if not res or not messages:
         return {}
     per = {name: round(r["cpu_s"] * 1000 / messages, 3) for name, r in res.items()}
     total = sum(per.values())
-    return {"ms_per_msg": per, "total_ms_per_msg": round(total, 3),
-            "cpu_bound_msgs_per_s": round(cores * 1000 / total, 1) if total else None}
+    out = {"ms_per_msg": per, "total_ms_per_msg": round(total, 3),
+           "cpu_bound_msgs_per_s": round(cores * 1000 / total, 1) if total else None}
+    if readings:
+        us = {name: round(r["cpu_s"] * 1e6 / readings, 2) for name, r in res.items()}
+        out |= {"us_per_reading": us, "total_us_per_reading": round(sum(us.values()), 2),
+                "readings": readings}
+    return out
 
 
 # --- load from several publisher processes ---------------------------------------------------
@@ -303,11 +316,14 @@ def merge_expected(truths: list[Path]) -> Any:
 # --- one step --------------------------------------------------------------------------------
 async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_ms: int,
                    seed: int, probes: Probes, sampler: ResourceSampler, drain_s: float,
-                   workdir: Path, publishers: int = 1) -> dict[str, Any]:
+                   workdir: Path, publishers: int = 1,
+                   settle_s: float = counters.STATS_SETTLE_S) -> dict[str, Any]:
     s = city.settings
     truths = [workdir / f"truth-{seed}-{i}.jsonl" for i in range(publishers)]
     conn = await asyncpg.connect(s.pg_dsn)
     dl_mark = await deadletter_watermark(conn)
+    t_counted = time.monotonic()
+    before = await counters.snapshot(conn, s.kafka_bootstrap, s.topics.all())
     probes.start()
     stats = await asyncio.to_thread(publish_sharded, s, fleet, truths, seed=seed,
                                     start_ms=start_ms, rate=rate, count=int(rate * seconds))
@@ -353,7 +369,12 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
         "select extract(epoch from max(pg_xact_commit_timestamp(xmin))) from readings "
         "where time between $1 and $2", lo, hi)
     lat_s, lat_a, probe_lost, alert_lost = await probes.latencies(conn)
+    await asyncio.sleep(settle_s)  # PostgreSQL's table counters lag (bench/e2e/counters.py)
+    after = await counters.snapshot(conn, s.kafka_bootstrap, s.topics.all())
     await conn.close()
+    work = counters.Work(messages=stats.sent, readings=stored.events_stored,
+                         probe_messages=len(probes.readings) + len(probes.alerts),
+                         probe_readings=len(lat_s) + len(lat_a))
     e2e_s = (float(t_last_commit) - wall0) if t_last_commit else float("nan")
     drained_after = (float(t_last_commit) - wall_pub) if t_last_commit else math.inf
     keeps_up = (stats.rate >= 0.9 * rate and drained_after <= drain_s and stored.lost == 0
@@ -375,7 +396,8 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
         "latency_stored_ms": percentiles(lat_s), "stored_probes_missing": probe_lost,
         "latency_alert_ms": percentiles(lat_a), "alert_probes_missing": alert_lost,
         "resources": (res := resources(sampler, t0, t_done)),
-        "cpu": cpu_per_message(res, stats.sent, os.cpu_count() or 1),
+        "cpu": cpu_per_message(res, stats.sent, os.cpu_count() or 1, work.all_readings),
+        "hot_path": counters.hot_path(before, after, work, time.monotonic() - t_counted),
     }
 
 
@@ -476,7 +498,7 @@ async def soak(city: City, fleet: Path, rate: float, seconds: float, start_ms: i
 
 
 # --- plots ------------------------------------------------------------------------------------
-def plot(result: dict[str, Any], prefix: str) -> list[str]:
+def plot(result: dict[str, Any], prefix: str, out: Path = RESULTS) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -493,7 +515,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
-        made.append(str(path.relative_to(ROOT)))
+        made.append(str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
     if steps:
         offered = [s["offered_msgs_per_s"] for s in steps]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -512,7 +534,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_ylabel("messages/s")
         ax.set_title("cityops end to end: throughput vs offered rate", fontsize=10)
         ax.legend(fontsize=8)
-        save(fig, RESULTS / f"{prefix}_throughput.png")
+        save(fig, out / f"{prefix}_throughput.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for key, style, name in (("latency_stored_ms", "-", "publish→stored"),
@@ -527,7 +549,7 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_ylabel("latency (ms, log)")
         ax.set_title("cityops end to end: latency percentiles", fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-        save(fig, RESULTS / f"{prefix}_latency.png")
+        save(fig, out / f"{prefix}_latency.png")
     if result.get("soak"):
         sk = result["soak"]
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -538,8 +560,8 @@ def plot(result: dict[str, Any], prefix: str) -> list[str]:
         ax.set_title(f"cityops soak at {sk['rate']:,.0f} msg/s: memory per service",
                      fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-        save(fig, RESULTS / (f"{prefix}_memory.png" if prefix.endswith("_soak")
-                             else f"{prefix}_soak_memory.png"))
+        save(fig, out / (f"{prefix}_memory.png" if prefix.endswith("_soak")
+                         else f"{prefix}_soak_memory.png"))
     return made
 
 
@@ -557,6 +579,15 @@ async def enable_commit_timestamps(city: City) -> None:
         pg = city.stack.server("postgres")
         pg.down()
         pg.up()
+
+
+def per_reading(step: dict[str, Any]) -> dict[str, Any]:
+    """A step's three hot-path figures for the summary (issue 15's targets)."""
+    hot, cpu = step["hot_path"], step["cpu"]
+    return {"offered_msgs_per_s": step["offered_msgs_per_s"], "keeps_up": step["keeps_up"],
+            "db_row_writes_per_reading": hot["db_row_writes_per_reading"],
+            "kafka_records_per_msg": hot["kafka_records_per_msg"],
+            "cpu_us_per_reading": cpu.get("total_us_per_reading")}
 
 
 def machine() -> dict[str, Any]:
@@ -587,7 +618,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                    "publishers": args.publishers,
                    "mode": args.mode, "fleet_scale": args.scale,
                    "gateway_size": args.gateway_size if args.mode == "gateway" else None,
-                   "step_s": args.step_s, "drain_s": args.drain_s, "rates": rates},
+                   "step_s": args.step_s, "drain_s": args.drain_s, "rates": rates,
+                   "stats_settle_s": args.stats_settle_s},
         "method": __doc__.split("\n\n")[1].strip() if __doc__ else "",
         "steps": [], "ceilings": {},
     }
@@ -619,13 +651,18 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if total > 20 * 3600 * 1000:
             raise SystemExit(f"the run spans {total / 3.6e6:.1f} simulated hours: raise --scale")
         cursor = int(time.time() * 1000 - total - 60_000) // 1000 * 1000
+        # The processor registers the whole fleet as it starts (one upsert per sensor);
+        # PostgreSQL may report those writes up to 10 s later, into the first step's
+        # counters, unless they settle first (bench/e2e/counters.py).
+        await asyncio.sleep(args.stats_settle_s)
         sampler = ResourceSampler(city_pids(city), interval=0.5).start()
         try:
             for i, (rate, span) in enumerate(zip(rates, spans, strict=True)):
                 print(f"step {i + 1}/{len(rates)}: {rate:,.0f} msg/s for {args.step_s:.0f} s",
                       flush=True)
                 step = await run_step(city, fleet, rate, args.step_s, cursor, 10 + i, probes,
-                                      sampler, args.drain_s, workdir, args.publishers)
+                                      sampler, args.drain_s, workdir, args.publishers,
+                                      args.stats_settle_s)
                 cursor += int(span) + 1000
                 result["steps"].append(step)
                 print("  " + json.dumps({k: step[k] for k in (
@@ -633,7 +670,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     "duplicates", "drained_after_publish_s")}) + "\n  stored "
                     + json.dumps(step["latency_stored_ms"]) + "\n  alert  "
                     + json.dumps(step["latency_alert_ms"]) + "\n  cpu    "
-                    + json.dumps(step["cpu"]), flush=True)
+                    + json.dumps(step["cpu"]) + "\n  hot    "
+                    + counters.summary_line(step["hot_path"], step["cpu"]), flush=True)
                 if not step["keeps_up"] and not args.all_steps:
                     break
         finally:
@@ -669,6 +707,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             if best and cp else None,
             "first_step_falling_behind": next((s["offered_msgs_per_s"] for s in result["steps"]
                                                if not s["keeps_up"]), None),
+            "per_reading": [per_reading(s) for s in result["steps"]],
         }
         result["machine"]["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
         result["machine"]["other_processes_cpu_percent_at_end"] = round(
@@ -696,6 +735,9 @@ def main() -> None:
     p.add_argument("--rates", default="1000,2000,4000,8000,12000,16000,20000",
                    help="offered rates, messages/s, comma separated ('' = none)")
     p.add_argument("--step-s", type=float, default=20.0, help="seconds of load per step (20)")
+    p.add_argument("--stats-settle-s", type=float, default=counters.STATS_SETTLE_S,
+                   help="wait after each step before reading PostgreSQL's table counters "
+                        f"({counters.STATS_SETTLE_S:g}: an idle backend reports within 10 s)")
     p.add_argument("--drain-s", type=float, default=5.0,
                    help="a step keeps up if its backlog drains this soon after publishing (5)")
     p.add_argument("--all-steps", action="store_true",
@@ -709,6 +751,9 @@ def main() -> None:
     p.add_argument("--no-ceilings", dest="ceilings", action="store_false")
     p.add_argument("--ceiling-messages", type=int, default=100_000)
     p.add_argument("--out", default=None, help="result name under bench/results (e2e)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS,
+                   help="folder for the JSON and plots (bench/results); a smoke run can "
+                        "write elsewhere and leave the recorded results alone")
     args = p.parse_args()
     name = args.out or ("e2e_soak" if args.soak and not args.rates else
                         "e2e" if args.mode == "single" else "e2e_gateway")
@@ -722,11 +767,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
     result = asyncio.run(main_async(args))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    result["plots"] = plot(result, name)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = plot(result, name, args.out_dir)
+    (args.out_dir / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result.get("summary", {}), indent=1))
-    print(f"wrote bench/results/{name}.json and {', '.join(result['plots'])}")
+    print(f"wrote {args.out_dir / name}.json and {', '.join(result['plots'])}")
 
 
 if __name__ == "__main__":
