@@ -91,7 +91,7 @@ class Work:
     path and show in the same counters, so they count here too."""
 
     messages: int  # MQTT messages published by the load generator
-    readings: int  # readings (events) of the ground truth found stored
+    readings: int  # readings (values: one narrow row each) of the ground truth found stored
     probe_messages: int = 0
     probe_readings: int = 0  # probe readings and presses found stored
 
