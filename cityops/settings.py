@@ -181,8 +181,13 @@ class Settings:
     process_group: str = "cityops-processors"  # Kafka consumer group of `cityops process`
     process_batch_max: int = 5000  # Kafka messages per database transaction (at most)
     process_batch_linger_ms: int = 200  # how long a partial batch waits for more messages
-    process_repair_interval_s: float = 5.0  # plain mode: exact p95 recompute, ended windows
-    process_repair_open_s: float = 60.0  # ... and of still-open windows (also when idle)
+    # Plain mode: rollup windows are computed once, when closed (processors/windows.py):
+    # this long after their end (readings of a window arriving later are late data,
+    # recomputed per cell), checked every process_close_every_s (an idle processor
+    # computes everything pending at that pace, open windows too).
+    process_window_grace_1m_s: float = 10.0
+    process_window_grace_1h_s: float = 120.0
+    process_close_every_s: float = 2.0
     process_maintenance_interval_s: float = 3600.0  # partitions ahead/retention, timescale jobs
     # sensor_latest is flushed from in-memory arrays at most this often (and on a clean
     # stop), not upserted per batch; a crash loses at most this much latest-state change,

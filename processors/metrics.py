@@ -34,8 +34,13 @@ CONSUMER_LAG = Gauge("cityops_process_consumer_lag",
                      ["partition"])
 ROLLUPS_PUBLISHED = Counter("cityops_process_rollups_published_total",
                             "Rollup partials published on the aggregates topic", ["window"])
-P95_REPAIRS = Counter("cityops_process_p95_repairs_total",
-                      "Rollup buckets recomputed exactly from raw readings (plain mode)")
+WINDOWS_CLOSED = Counter("cityops_process_windows_closed_total",
+                         "Rollup buckets computed from raw readings when their window closed "
+                         "(plain mode; again if late data or an early close re-opened them)",
+                         ["window"])
+LATE_CELLS = Counter("cityops_process_late_cells_total",
+                     "(window, bucket, sensor, metric) cells of closed windows recomputed for "
+                     "late readings (plain mode)")
 CAGG_REFRESHES = Counter("cityops_process_cagg_refreshes_total",
                          "Explicit continuous-aggregate refreshes after late data (timescale)")
 PARKED = Counter("cityops_process_parked_total",

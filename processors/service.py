@@ -18,9 +18,10 @@ dead letters produced by this service are at-least-once on Kafka. Latest state i
 derived and flushed after the offset commit: a crash loses at most the last
 ``process_latest_flush_s`` seconds of it, until those sensors' next readings.
 
-Plain mode: the exact p95 recompute of merged windows runs for ended windows every
-``process_repair_interval_s``, for still-open ones when the consumer is idle or every
-``process_repair_open_s``; storage maintenance runs every
+Plain mode: every ``process_close_every_s`` the rollup windows that have closed (their
+grace, ``process_window_grace_1m_s`` / ``_1h_s``, passed) are computed from the readings,
+and the cells late readings touched are recomputed (``processors.windows``); an idle
+processor computes everything pending, open windows too. Storage maintenance runs every
 ``process_maintenance_interval_s``.
 """
 
@@ -58,6 +59,7 @@ from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS, Groups, Rollup, encode_rollup
 from processors.schema import migrate
 from processors.storage import Item, Source, Storage, StoredDeadLetter, WriteResult
+from processors.windows import Grace, WindowCloser
 
 log = logging.getLogger(__name__)
 _PARTITIONER = DefaultPartitioner()
@@ -72,11 +74,12 @@ class Processor:
         self.settings = settings
         self.storage = storage
         storage.latest.flush_s = settings.process_latest_flush_s
+        self.closer = WindowCloser(Grace(settings.process_window_grace_1m_s,
+                                         settings.process_window_grace_1h_s))
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.last_batch_at = time.monotonic()
-        self._last_repair = 0.0
-        self._last_open_repair = 0.0
+        self._last_close = 0.0
         self._last_maintenance = 0.0
         self.healthy = False
         self.stored_events = 0
@@ -288,14 +291,9 @@ class Processor:
         if idle:
             await self.update_lag()
         await self.flush_latest()
-        if self.storage.mode == "postgres":
-            # Ended windows often; still-open ones when idle or every open-repair interval.
-            include_open = idle or now - self._last_open_repair >= s.process_repair_open_s
-            if include_open or now - self._last_repair >= s.process_repair_interval_s:
-                self._last_repair = now
-                if include_open:
-                    self._last_open_repair = now
-                await self.storage.repair_p95(include_open=include_open)
+        if self.storage.mode == "postgres" and now - self._last_close >= s.process_close_every_s:
+            self._last_close = now
+            await self.close_windows(everything=idle)
         if now - self._last_maintenance >= s.process_maintenance_interval_s:
             self._last_maintenance = now
             try:
@@ -306,6 +304,24 @@ class Processor:
             except Exception:
                 log.exception("storage maintenance failed; will retry next period")
 
+
+    async def close_windows(self, *, everything: bool) -> None:
+        """Compute closed rollup windows and late cells. Like the latest-state flush, a
+        failure other than a lost database is logged and retried next period: the marks
+        stay, and derived data must not stop the readings."""
+        try:
+            done = await self.closer.run(self.storage.conn, everything=everything)
+            await self.storage.closed.refresh(self.storage.conn)
+        except Exception as exc:
+            if is_away(exc):
+                raise
+            log.warning("closing rollup windows failed (%s: %s); retried next period",
+                        type(exc).__name__, str(exc)[:300])
+            return
+        if done.seconds > 1.0:
+            log.info("rollup windows closed", extra={"fields": {
+                "buckets": done.buckets, "late_cells": done.late_cells,
+                "seconds": round(done.seconds, 2)}})
 
     async def flush_latest(self) -> None:
         """Latest state to ``sensor_latest`` when its flush is due. A lost database is

@@ -1,12 +1,12 @@
 """The database side of the processor: one transaction per Kafka batch, idempotent.
 
 Why it is effectively-once: every batch is written in ONE transaction (readings,
-incidents, dead letters, rollups, new sensors), readings and incidents
-are inserted with ``ON CONFLICT DO NOTHING`` on their event id, and the rollups are fed
-only with the readings that this transaction actually inserted. The consumer commits
-Kafka offsets only after this transaction commits, so a crash anywhere means the batch
-is delivered again, its readings conflict, nothing is inserted and nothing is counted
-twice.
+incidents, dead letters, window marks); readings are inserted with ``ON CONFLICT DO
+NOTHING`` on their natural key (sensor, metric, time), incidents on their event id, and
+rollups are recomputed from the stored readings, never merged from a batch's counts.
+The consumer commits Kafka offsets only after this transaction commits, so a crash
+anywhere means the batch is delivered again, its readings conflict, nothing is inserted
+and nothing is counted twice.
 
 Write path, fast: one narrow row per reading (time, sensor key, metric code, value,
 quality), binary COPY built straight from the batch's arrays (``processors.copy``) into
@@ -22,13 +22,13 @@ RETURNING`` joined back to the staged positions, so exactly the rows this transa
 inserted are aggregated. (Asking ``xmin`` afterwards would spare the redo, but
 TimescaleDB refuses system columns on compressed chunks, where late resends land.)
 
-Rollups, plain PostgreSQL: numpy partials are COPYed to staging and upserted (n, sum,
-min, max merge; p95 keeps the larger partial and the bucket is queued in
-``rollup_repair`` when the window already had rows); ``repair_p95`` recomputes queued
-buckets exactly from raw readings. TimescaleDB: the rollups are continuous aggregates;
-after a batch with readings older than an aggregate's materialization watermark the
-affected buckets are refreshed explicitly (TimescaleDB would not see them otherwise
-until its next policy run, and the test build has no scheduler at all).
+Rollups, plain PostgreSQL: computed once per window, when it closes, from the raw
+readings (``processors.windows``); a batch only marks, in its own transaction, the
+windows (one row each) or, for late data, the cells its readings touched.
+TimescaleDB: the rollups are continuous aggregates; after a batch with readings older
+than an aggregate's materialization watermark the affected buckets are refreshed
+explicitly (TimescaleDB would not see them otherwise until its next policy run, and
+the test build has no scheduler at all).
 
 Latest state (``sensor_latest``) is NOT written per batch any more: after the readings
 transaction commits, the batch's newest reading per (sensor, metric) is merged into
@@ -52,7 +52,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, TypeVar
 
 import asyncpg
@@ -64,7 +64,6 @@ from ingest.contract import DeadLetter, Event
 from processors import metrics
 from processors.batch import (
     INCIDENT_COLUMNS,
-    METRIC_BITS,
     READING_COLUMNS,
     Batch,
     Vocabularies,
@@ -74,7 +73,8 @@ from processors.batch import (
 from processors.copy import readings_payload
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify, describe, safe_text
 from processors.latest import LatestState
-from processors.rollup import ROLLUPS, WINDOWS_MS, Groups, aggregate
+from processors.rollup import ROLLUPS, Groups, aggregate
+from processors.windows import ClosedWindows, marks, write_marks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,19 +85,11 @@ T = TypeVar("T")
 _RCOLS = ", ".join(READING_COLUMNS)
 _STAGE_COLUMNS = (*READING_COLUMNS, "ord")
 _ICOLS = ", ".join(INCIDENT_COLUMNS)
-_SCOPE_KEYS = {"sensor": ("sensor_id", "metric"), "district": ("district", "domain", "metric")}
-_WINDOW_INTERVAL = {"1m": "1 minute", "1h": "1 hour"}
 
 _SETUP = """
 create temp table if not exists stage_readings
     (like readings excluding constraints excluding indexes, ord integer not null)
     on commit delete rows;
-create temp table if not exists stage_sensor_rollup
-    (w smallint, bucket timestamptz, sensor_id text, metric text, n bigint,
-     sum float8, min float8, max float8, p95 float8) on commit delete rows;
-create temp table if not exists stage_district_rollup
-    (w smallint, bucket timestamptz, district text, domain text, metric text, n bigint,
-     sum float8, min float8, max float8, p95 float8) on commit delete rows;
 create temp table if not exists stage_incidents
     (like incidents excluding constraints excluding indexes) on commit delete rows;
 """
@@ -105,9 +97,7 @@ create temp table if not exists stage_incidents
 # Savepoints of one transaction share the staging tables (emptied only at commit): each
 # piece written while isolating poison starts from empty ones, or it would merge another
 # piece's rollup partials a second time.
-_CLEAR_STAGE = ("delete from stage_readings; "
-                "delete from stage_sensor_rollup; delete from stage_district_rollup; "
-                "delete from stage_incidents")
+_CLEAR_STAGE = "delete from stage_readings; delete from stage_incidents"
 
 # The staged positions of the rows this statement inserted (a duplicate is not returned).
 # Two staged rows with one natural key (two events that disagree on their id): the first
@@ -151,62 +141,6 @@ _METRIC_CODES = "select name, code from metrics where name = any($1::text[])"
 class UnresolvedKey(ValueError):
     """A reading's sensor or metric has no registry key (the registry refused it): the
     records carrying it are poison for this batch and are parked, the rest is stored."""
-
-
-def _upsert_rollup_sql(name: str) -> str:
-    """Merge one rollup's numpy partials (COPYed to staging) into its table.
-
-    n, sum, min, max merge exactly; p95 keeps the larger partial and the bucket is queued
-    for an exact recompute when the row already existed (``xmax <> 0`` marks an update).
-    """
-    scope, window = ROLLUPS[name]
-    cols = ", ".join(_SCOPE_KEYS[scope])
-    w = list(WINDOWS_MS).index(window)
-    # District rows are shared by every processor: a fixed lock order avoids deadlocks.
-    # A sensor's rows belong to one Kafka partition, so to one processor at a time (a
-    # rebalance overlap can still deadlock; the batch is then retried).
-    order = f"order by {cols}, bucket" if scope == "district" else ""
-    return f"""
-with up as (
-    insert into {name} as r (bucket, {cols}, n, sum, min, max, mean, p95)
-    select bucket, {cols}, n, sum, min, max, sum / n, p95
-      from stage_{scope}_rollup where w = {w}
-     {order}
-    on conflict ({cols}, bucket) do update
-       set n = r.n + excluded.n, sum = r.sum + excluded.sum,
-           min = least(r.min, excluded.min), max = greatest(r.max, excluded.max),
-           mean = (r.sum + excluded.sum) / (r.n + excluded.n),
-           p95 = greatest(r.p95, excluded.p95)
-    returning bucket, xmax <> 0 as merged
-)
-insert into rollup_repair (rollup, bucket)
-select distinct '{name}', bucket from up where merged
-on conflict do nothing
-"""
-
-
-_STAGE_ROLLUP_COLS = {
-    "sensor": ("w", "bucket", "sensor_id", "metric", "n", "sum", "min", "max", "p95"),
-    "district": ("w", "bucket", "district", "domain", "metric", "n", "sum", "min", "max", "p95"),
-}
-
-
-def _recompute_rollup_sql(name: str) -> str:
-    """Exact rollup rows of some buckets from raw readings (plain mode p95 repair)."""
-    scope, window = ROLLUPS[name]
-    keys = ", ".join(_SCOPE_KEYS[scope])
-    bucket = f"date_bin('{_WINDOW_INTERVAL[window]}', time, timestamptz 'epoch')"
-    return f"""
-insert into {name} as r (bucket, {keys}, n, sum, min, max, mean, p95)
-select {bucket}, {keys}, count(*), sum(value), min(value), max(value), avg(value),
-       percentile_cont(0.95) within group (order by value)
-  from readings_named
- where time >= $1 and time < $2 and {bucket} = any($3::timestamptz[])
- group by {bucket}, {keys}
-on conflict ({keys}, bucket) do update
-   set n = excluded.n, sum = excluded.sum, min = excluded.min, max = excluded.max,
-       mean = excluded.mean, p95 = excluded.p95
-"""
 
 
 @dataclass(slots=True)
@@ -363,9 +297,10 @@ class Storage:
             raise ValueError(f"storage mode must be postgres or timescale, not {mode!r}")
         self.conn = conn
         self.mode = mode
-        # Plain mode upserts the rollup tables; TimescaleDB derives them (continuous
-        # aggregates). False on plain mode is for measuring only (bench/sink.py).
+        # Plain mode marks windows for ``processors.windows`` to compute; TimescaleDB derives
+        # them (continuous aggregates). False on plain mode: measuring only (bench/sink.py).
         self.rollup_tables = mode == "postgres" if rollup_tables is None else rollup_tables
+        self.closed = ClosedWindows()  # refreshed by the processor's housekeeping
         self.vocab = vocab or Vocabularies()
         self.known_sensors: set[str] = set()
         self.latest = LatestState(latest_flush_s)
@@ -632,6 +567,7 @@ class Storage:
             if len(batch):
                 stored = batch
                 sensor, metric = self._keys(batch)
+                stored_sensor, stored_metric = sensor, metric
                 if fast:
                     await conn.copy_to_table(
                         "readings", columns=READING_COLUMNS, format="binary",
@@ -649,6 +585,7 @@ class Storage:
                     positions = np.sort(np.fromiter((r[0] for r in rows), dtype=np.int64,
                                                     count=inserted))
                     stored = batch.only(positions)
+                    stored_sensor, stored_metric = sensor[positions], metric[positions]
                 result.readings = inserted
                 result.duplicates += len(batch) - inserted
                 lap("readings")
@@ -656,7 +593,8 @@ class Storage:
                                            stored.values)
                 result.aggregation_s = lap("aggregate")
                 if self.rollup_tables and inserted:
-                    await self._upsert_rollups(result.rollups)
+                    await write_marks(conn, marks(stored.time_ms, stored_sensor, stored_metric,
+                                                  self.closed))
                     lap("rollups")
                 # Every reading of the batch, duplicates included: a redelivered batch
                 # re-derives latest state it may have lost (the merge is a max by time).
@@ -691,34 +629,6 @@ class Storage:
             raise UnresolvedKey(f"no registry key for {str(missing)[:300]}")
         return sensor, metric
 
-    async def _upsert_rollups(self, rollups: dict[str, Groups]) -> None:
-        """COPY every partial of a scope into staging once, then one upsert per rollup."""
-        vocab = self.vocab
-        mask = (1 << METRIC_BITS) - 1
-        for scope in ("sensor", "district"):
-            records: list[tuple[Any, ...]] = []
-            for w, window in enumerate(WINDOWS_MS):
-                g = rollups[f"{scope}_rollup_{window}"]
-                if not len(g):
-                    continue
-                metric = vocab.metrics.lookup(g.key & mask).tolist()
-                keys: list[list[Any]]
-                if scope == "sensor":
-                    keys = [vocab.sensors.lookup(g.key >> METRIC_BITS).tolist(), metric]
-                else:
-                    areas = vocab.areas.lookup(g.key >> METRIC_BITS).tolist()
-                    keys = [[a[0] for a in areas], [a[1] for a in areas], metric]
-                records.extend(zip([w] * len(g), _datetimes(g.bucket_ms), *keys, g.n.tolist(),
-                                   g.sum.tolist(), g.min.tolist(), g.max.tolist(),
-                                   g.p95.tolist(), strict=True))
-            if not records:
-                continue
-            await self.conn.copy_records_to_table(
-                f"stage_{scope}_rollup", records=records, columns=_STAGE_ROLLUP_COLS[scope])
-            for name, (sc, _) in ROLLUPS.items():
-                if sc == scope:
-                    await self.conn.execute(_upsert_rollup_sql(name))
-
     # --- latest state -----------------------------------------------------------------
     async def flush_latest(self, *, force: bool = False) -> int:
         """Write the latest-state cells changed since the last flush, if the flush period
@@ -733,48 +643,6 @@ class Storage:
         if n:
             metrics.WRITE_STEP_SECONDS.labels("latest_flush").observe(time.perf_counter() - t0)
         return n
-
-    # --- p95 repair (plain mode) ------------------------------------------------------
-    async def repair_p95(self, limit: int = 500, *, include_open: bool = True) -> int:
-        """Recompute queued buckets exactly from raw readings; returns buckets repaired.
-
-        ``include_open=False`` leaves windows that have not ended yet in the queue: they
-        will merge more partials anyway, and recomputing the current hour of a whole city
-        every few seconds would cost more than the writes. Until repaired, a merged
-        window's p95 is the largest partial p95 (an approximation, usually close).
-
-        Each rollup is repaired in its own transaction holding a SHARE ROW EXCLUSIVE lock
-        on the rollup table: writers' upserts wait for it, so a concurrent batch's
-        partial either lands before our recompute reads (and is included) or merges on
-        top of it afterwards (and is not lost).
-        """
-        if self.mode != "postgres" or not await self.conn.fetchval(
-                "select exists (select 1 from rollup_repair)"):
-            return 0
-        done = 0
-        for name, (_, window) in ROLLUPS.items():
-            width = timedelta(milliseconds=WINDOWS_MS[window])
-            async with self.conn.transaction():
-                await self.conn.execute(f"lock table {name} in share row exclusive mode")
-                rows = await self.conn.fetch(
-                    "delete from rollup_repair where ctid in (select ctid from rollup_repair "
-                    "where rollup = $1 and ($3 or bucket + $4::interval <= now()) "
-                    "order by bucket limit $2) returning bucket", name, limit, include_open,
-                    width)
-                if not rows:
-                    continue
-                buckets = sorted(r[0] for r in rows)
-                await self.conn.execute(_recompute_rollup_sql(name), buckets[0],
-                                        buckets[-1] + width, buckets)
-                done += len(buckets)
-        if done:
-            metrics.P95_REPAIRS.inc(done)
-        return done
-
-    async def pending_repairs(self) -> int:
-        if self.mode != "postgres":
-            return 0
-        return int(await self.conn.fetchval("select count(*) from rollup_repair"))
 
     # --- continuous aggregates (timescale mode) --------------------------------------
     async def cagg_watermarks(self) -> dict[str, int]:
@@ -846,13 +714,6 @@ def _grown(keys: np.ndarray, size: int) -> np.ndarray:
     if keys.size >= size:
         return keys
     return np.concatenate((keys, np.full(size - keys.size, -1, dtype=keys.dtype)))
-
-
-def _datetimes(ms: np.ndarray) -> list[datetime]:
-    """Many epoch-ms values to datetimes, converting each distinct value once."""
-    uniq, inverse = np.unique(ms, return_inverse=True)
-    conv = [_dt(int(u)) for u in uniq.tolist()]
-    return [conv[i] for i in inverse.tolist()]
 
 
 async def with_retries(op: Callable[[], Awaitable[T]], attempts: int = MAX_RETRIES) -> T:

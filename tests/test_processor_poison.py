@@ -29,6 +29,7 @@ from processors.batch import columns
 from processors.service import Processor
 from processors.storage import Storage, StoredDeadLetter
 from processors.testing import STORED_ROWS, make_stream, reference_latest, reference_rollups
+from processors.windows import WindowCloser
 from tests.test_processors import (
     assert_rollups_equal,
     count_rows,
@@ -216,7 +217,7 @@ async def test_poison_records_are_parked_and_every_good_record_is_stored(
             await until(task, committed, 30, "offsets committed past the poison")
 
             async def repaired() -> bool:
-                return await conn.fetchval("select count(*) from rollup_repair") == 0
+                return await WindowCloser().pending(conn) == 0
 
             await until(task, repaired, 30, "p95 repairs done")
             assert processor.healthy and not task.done()

@@ -44,6 +44,7 @@ from processors.testing import (
     reference_rollups,
     row_keys,
 )
+from processors.windows import Grace, WindowCloser
 from tests.support import free_port, topic_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,8 +55,7 @@ def private(settings: Settings, tag: str, **changes: object) -> Settings:
                     aggregates=f"{tag}.aggregates", alerts=f"{tag}.alerts")
     values: dict[str, object] = {
         "topics": topics, "process_group": f"{tag}-processors", "process_batch_max": 400,
-        "process_batch_linger_ms": 30, "process_repair_interval_s": 0.2,
-        "process_repair_open_s": 0.5,
+        "process_batch_linger_ms": 30, "process_close_every_s": 0.2,
         "process_metrics_port": free_port(), **changes}
     return settings.replace(**values)
 
@@ -173,7 +173,7 @@ async def test_messy_stream_ends_with_exact_rows_rollups_and_latest(settings: Se
             except AssertionError as exc:  # say whether it is missing or there twice
                 n = await conn.fetchval(bad_letters, b'"event_id": "broken')
                 raise AssertionError(f"{exc} (found {n})") from None
-            await wait_for(lambda: _eq(conn.fetchval("select count(*) from rollup_repair"), 0),
+            await wait_for(lambda: _eq(WindowCloser().pending(conn), 0),
                            30, "p95 repairs done")
             # Latest state reaches the table by the periodic flush, before any stop.
             await wait_for(lambda: _eq(db_latest(conn, tag), reference_latest(stream.all)),
@@ -287,7 +287,7 @@ async def test_same_batch_twice_counts_once(settings: Settings) -> None:
         new_rows = row_keys(stream.second) - row_keys(stream.first)
         assert res.readings == len(new_rows)
         assert int(res.rollups["sensor_rollup_1m"].n.sum()) == len(new_rows)
-        await storage.repair_p95(limit=100_000)
+        await WindowCloser().run(storage.conn, everything=True)
         assert_rollups_equal(await db_rollups(storage.conn, tag), reference_rollups(stream.all))
     finally:
         await storage.close()
@@ -434,8 +434,7 @@ async def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(
         f'host = "{s.host}"\nkafka_port = {s.kafka_port}\npg_port = {s.pg_port}\n'
         f'state_dir = "{s.state_dir}"\nprocess_metrics_port = {s.process_metrics_port}\n'
         f'process_group = "{s.process_group}"\nprocess_batch_max = 300\n'
-        f'process_batch_linger_ms = 20\nprocess_repair_interval_s = 0.2\n'
-        f'process_repair_open_s = 0.5\n'
+        f'process_batch_linger_ms = 20\nprocess_close_every_s = 0.2\n'
         f'storage_mode = "postgres"\n'
         f'[topics]\nevents = "{s.topics.events}"\ndeadletter = "{s.topics.deadletter}"\n'
         f'aggregates = "{s.topics.aggregates}"\nalerts = "{s.topics.alerts}"\n')
@@ -462,7 +461,7 @@ async def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(
         proc = start()
         procs.append(proc)
         await wait_for(lambda: _eq(count_rows(conn, tag), len(expected)), 120, "all rows")
-        await wait_for(lambda: _eq(conn.fetchval("select count(*) from rollup_repair"), 0),
+        await wait_for(lambda: _eq(WindowCloser().pending(conn), 0),
                        30, "p95 repairs done")
         url = f"http://127.0.0.1:{s.process_metrics_port}/metrics"
         metrics = await asyncio.to_thread(
@@ -496,35 +495,68 @@ async def _ge(value: Awaitable[int], expected: int) -> bool:
     return await value >= expected
 
 
-async def test_p95_repair_waits_for_open_windows_unless_asked(settings: Settings) -> None:
+async def test_windows_close_once_when_due_and_late_data_recomputes_only_its_cells(
+        settings: Settings) -> None:
+    """A window is computed when its grace has passed (not before, unless asked), listed
+    as closed, and a late reading then marks only its (sensor, metric) cell: the closer
+    rewrites that cell's rows and leaves every other row of the window untouched."""
     tag = f"t{uuid.uuid4().hex[:8]}"
     now_ms = int(time.time() * 1000)
-    # Two sensors' readings in an ended hour and in the current minute, in two batches.
+    # Readings over the last 1.5 hours, half of them held back as late data.
     stream = make_stream(tag, now_ms, sensors=6, hours=1.5, interval_s=10, incidents=0,
                          dup_share=0, late_share=0.5, seed=13)
     storage = await Storage.connect(settings.pg_dsn, "postgres")
     conn = storage.conn
+    closer = WindowCloser(Grace(minute_s=10, hour_s=120, settle_s=0),
+                          batch_buckets=10_000)
     try:
-        for part in (stream.first, stream.second):
-            await storage.write(columns(part, storage.vocab, storage.known_sensors))
-        want = reference_rollups(stream.all)
+        await storage.write(columns(stream.first, storage.vocab, storage.known_sensors))
+        minutes = {e.event_time // 60_000 * 60_000 for e in stream.first}
+        await closer.run(conn)
+        closed = {(r[0], int(r[1].timestamp() * 1000)) for r in await conn.fetch(
+            "select window_s, bucket from rollup_closed")}
         current_hour = now_ms // 3_600_000 * 3_600_000
-        await storage.repair_p95(limit=100_000, include_open=False)
-        queued = {(r[0], int(r[1].timestamp() * 1000)) for r in await conn.fetch(
-            "select rollup, bucket from rollup_repair")}
-        assert ("sensor_rollup_1h", current_hour) in queued  # still open: left for later
-        assert all(b + (3_600_000 if n.endswith("1h") else 60_000) > now_ms - 5_000
-                   for n, b in queued)
+        assert (3600, current_hour) not in closed  # open: left for later
+        assert {(60, m) for m in minutes if m + 70_000 < now_ms} <= closed
+        assert not {(60, m) for m in minutes if m + 60_000 > now_ms} & closed
+        want_first = reference_rollups(stream.first)
         got = await db_rollups(conn, tag)
-        for key, st in want["sensor_rollup_1h"].items():
-            n, _total, lo, hi, _, p95 = got["sensor_rollup_1h"][key]
-            assert (n, lo, hi) == (st.n, st.min, st.max)
-            if key[0] == current_hour:
-                assert lo <= p95 <= hi  # the largest partial p95 until repaired
-            else:
-                assert p95 == pytest.approx(st.p95, rel=1e-12)
-        await storage.repair_p95(limit=100_000, include_open=True)
-        assert_rollups_equal(await db_rollups(conn, tag), want)
+        ended = {k: v for k, v in want_first["sensor_rollup_1m"].items()
+                 if k[0] + 70_000 < now_ms}
+        assert ended
+        assert_rollups_equal({"sensor_rollup_1m": {k: got["sensor_rollup_1m"][k]
+                                                   for k in ended}},
+                             {"sensor_rollup_1m": ended})
+
+        # Late data: readings of closed minutes mark their cells, nothing else.
+        await storage.closed.refresh(conn)
+        before = {r[0]: r[1] for r in await conn.fetch(
+            "select (bucket, sensor_id, metric)::text, ctid::text from sensor_rollup_1m "
+            "where sensor_id like $1", f"{tag}-%")}
+        late = [e for e in stream.second if e.event_time // 60_000 * 60_000 + 70_000 < now_ms]
+        await storage.write(columns(late, storage.vocab, storage.known_sensors))
+        cells = await conn.fetch("select bucket, s.sensor_id, m.name from rollup_late l "
+                                 "join sensors s on s.sensor_key = l.sensor "
+                                 "join metrics m on m.code = l.metric where window_s = 60 "
+                                 "and s.sensor_id like $1", f"{tag}-%")
+        touched = {(int(r[0].timestamp() * 1000), r[1], r[2]) for r in cells}
+        assert touched == {(e.event_time // 60_000 * 60_000, e.sensor_id, m)
+                           for e in late for m in e.measurements}
+        await closer.run(conn)
+        after = {r[0]: r[1] for r in await conn.fetch(
+            "select (bucket, sensor_id, metric)::text, ctid::text from sensor_rollup_1m "
+            "where sensor_id like $1", f"{tag}-%")}
+        rewritten = {k for k in before if after.get(k) != before[k]}
+        assert rewritten and len(rewritten) <= len(touched) < len(before)
+
+        # Everything computed (the open windows too, as an idle processor does): exact.
+        await storage.write(columns(stream.second, storage.vocab, storage.known_sensors))
+        await closer.run(conn, everything=True)
+        assert await closer.pending(conn) == 0
+        assert_rollups_equal(await db_rollups(conn, tag), reference_rollups(stream.all))
+        assert (3600, current_hour) not in {(r[0], int(r[1].timestamp() * 1000)) for r in
+                                            await conn.fetch("select window_s, bucket "
+                                                             "from rollup_closed")}
     finally:
         await storage.close()
 

@@ -28,6 +28,7 @@ from processors.rollup import ROLLUPS
 from processors.schema import migrate
 from processors.storage import Storage, cagg
 from processors.testing import make_stream, reference_latest, reference_rollups, row_keys
+from processors.windows import WindowCloser
 from tests.test_processors import (
     assert_rollups_equal,
     count_rows,
@@ -119,7 +120,7 @@ async def test_processor_into_timescale_matches_reference_and_plain_mode(
                            "phase 2 in timescale")
             await wait_for(lambda: _eq(count_rows(pg, tag), len(expected)), 60,
                            "phase 2 in postgres")
-            await wait_for(lambda: _eq(pg.fetchval("select count(*) from rollup_repair"), 0),
+            await wait_for(lambda: _eq(WindowCloser().pending(pg), 0),
                            30, "plain-mode p95 repairs")
         want = reference_rollups(stream.all)
         assert_rollups_equal(await db_rollups(ts, tag), want)

@@ -1,0 +1,320 @@
+"""Rollup windows computed once, when they close (plain PostgreSQL mode).
+
+Why: merging numpy partials into the rollup tables in every batch cost ~20 row writes
+per message (staging COPY, four upserts, the same sensor-hour row rewritten every
+batch), and p95 does not merge, so merged buckets were recomputed whole, for every
+sensor, again and again while the hour was open. Here a window is computed from the raw
+readings once it has ended, in the database (``INSERT … SELECT … GROUP BY`` with
+``percentile_cont(0.95)``: exact, as TimescaleDB's continuous aggregates compute it),
+and written once.
+
+How a batch marks its windows (``marks``, inside the batch's own transaction, so a
+mark exists exactly when its readings do):
+
+* a reading of a window not closed yet refreshes ``rollup_pending(window,
+  bucket).touched_at``: one small row per window and batch, not per reading;
+* a reading of a closed window (late data: ``rollup_closed`` lists the windows computed
+  after their grace; the processor keeps the recent ones in memory, ``ClosedWindows``)
+  records its cell ``(window, bucket, sensor, metric)`` in ``rollup_late``.
+
+Either mark is correct for any reading: a window mark makes the whole window be computed
+again, a cell mark only the cell. The choice only decides the cost, which is why a
+closed-window list a few seconds stale is fine.
+
+``WindowCloser.run`` (any processor; a PostgreSQL advisory lock lets one run at a time)
+computes every pending bucket that ended more than its grace ago and was not touched
+for ``settle`` seconds, sensor and district rollups from one scan, then deletes the
+mark only if nobody touched it meanwhile (compare-and-delete on ``touched_at``): a
+batch that committed readings after the recompute's snapshot leaves its mark in place,
+so the bucket is computed again. Late cells are recomputed cell by cell (the sensor's
+own readings of that window, and its district's), then their marks deleted by id.
+Every step is an idempotent recompute from the readings, and an update that changes
+nothing is skipped (``where … is distinct from``), so closing early, twice or after a
+crash is harmless: only its cost differs. That is why an idle processor closes
+everything pending at once (the current windows too): a quiet city's rollups are
+current within seconds, and a window closed early is simply computed again when it
+ends.
+
+"Ended" is judged on the database's clock (``now()``), so processors' clocks do not
+matter. Event time matters only through the windows the readings fall in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import asyncpg
+import numpy as np
+import numpy.typing as npt
+
+from processors import metrics
+
+log = logging.getLogger(__name__)
+
+#: Rollup windows: name suffix -> seconds.
+WINDOWS_S: dict[str, int] = {"1m": 60, "1h": 3600}
+LOCK_ID = 0x0C17_0C10  # pg advisory lock: one window closer at a time, across processors
+
+_MARK_PENDING = """
+insert into rollup_pending as p (window_s, bucket, touched_at)
+select w, timestamptz 'epoch' + b * interval '1 millisecond', clock_timestamp()
+  from unnest($1::int4[], $2::int8[]) as u (w, b)
+on conflict (window_s, bucket) do update set touched_at = excluded.touched_at
+"""
+_MARK_LATE = """
+insert into rollup_late (window_s, bucket, sensor, metric)
+select w, timestamptz 'epoch' + b * interval '1 millisecond', s, m
+  from unnest($1::int4[], $2::int8[], $3::int4[], $4::int2[]) as u (w, b, s, m)
+"""
+
+_STATS = ("count(*) as n, sum(value) as sum, min(value) as min, max(value) as max, "
+          "avg(value) as mean, percentile_cont(0.95) within group (order by value) as p95")
+_SET = """
+do update set n = excluded.n, sum = excluded.sum, min = excluded.min, max = excluded.max,
+              mean = excluded.mean, p95 = excluded.p95
+where (r.n, r.sum, r.min, r.max, r.p95)
+      is distinct from (excluded.n, excluded.sum, excluded.min, excluded.max, excluded.p95)
+"""
+
+
+def _close_bucket_sql(window: str) -> str:
+    """Sensor and district rollups of one whole bucket ($1 = start, $2 = end)."""
+    return f"""
+with a as (
+    select r.sensor, s.district, s.domain, r.metric, grouping(r.sensor) as g, {_STATS}
+      from readings r join sensors s on s.sensor_key = r.sensor
+     where r.time >= $1 and r.time < $2
+     group by grouping sets ((r.sensor, r.metric), (s.district, s.domain, r.metric))
+), sensor_rows as (
+    insert into sensor_rollup_{window} as r (bucket, sensor_id, metric, n, sum, min, max,
+                                            mean, p95)
+    select $1, s.sensor_id, m.name, a.n, a.sum, a.min, a.max, a.mean, a.p95
+      from a join sensors s on s.sensor_key = a.sensor join metrics m on m.code = a.metric
+     where a.g = 0
+    on conflict (sensor_id, metric, bucket) {_SET}
+    returning 1
+)
+insert into district_rollup_{window} as r (bucket, district, domain, metric, n, sum, min,
+                                          max, mean, p95)
+select $1, a.district, a.domain, m.name, a.n, a.sum, a.min, a.max, a.mean, a.p95
+  from a join metrics m on m.code = a.metric
+ where a.g = 1
+on conflict (district, domain, metric, bucket) {_SET}
+"""
+
+
+def _late_cells_sql(window: str, width_s: int) -> str:
+    """Sensor and district rollups of some cells ($1 buckets, $2 sensors, $3 metrics)."""
+    width = f"interval '{width_s} seconds'"
+    return f"""
+with c as (
+    select distinct bucket, sensor, metric
+      from unnest($1::timestamptz[], $2::int4[], $3::int2[]) as c (bucket, sensor, metric)
+), sensor_rows as (
+    insert into sensor_rollup_{window} as r (bucket, sensor_id, metric, n, sum, min, max,
+                                            mean, p95)
+    select c.bucket, s.sensor_id, m.name, a.n, a.sum, a.min, a.max, a.mean, a.p95
+      from c
+      cross join lateral (select {_STATS} from readings x
+                           where x.sensor = c.sensor and x.metric = c.metric
+                             and x.time >= c.bucket and x.time < c.bucket + {width}) a
+      join sensors s on s.sensor_key = c.sensor join metrics m on m.code = c.metric
+     where a.n > 0
+    on conflict (sensor_id, metric, bucket) {_SET}
+    returning 1
+), d as (
+    select distinct c.bucket, s.district, s.domain, c.metric
+      from c join sensors s on s.sensor_key = c.sensor
+)
+insert into district_rollup_{window} as r (bucket, district, domain, metric, n, sum, min,
+                                          max, mean, p95)
+select d.bucket, d.district, d.domain, m.name, a.n, a.sum, a.min, a.max, a.mean, a.p95
+  from d
+  cross join lateral (select {_STATS} from readings x join sensors y on y.sensor_key = x.sensor
+                       where y.district = d.district and y.domain = d.domain
+                         and x.metric = d.metric
+                         and x.time >= d.bucket and x.time < d.bucket + {width}) a
+  join metrics m on m.code = d.metric
+ where a.n > 0
+on conflict (district, domain, metric, bucket) {_SET}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Grace:
+    """How long after its end a window waits for stragglers before it is computed and
+    listed as closed (seconds, per window); and how long it must have had no new
+    readings (``settle_s``)."""
+
+    minute_s: float = 10.0
+    hour_s: float = 120.0
+    settle_s: float = 2.0
+
+    def of(self, window_s: int) -> float:
+        return self.minute_s if window_s == 60 else self.hour_s
+
+
+@dataclass(slots=True)
+class Marks:
+    """What one batch's stored readings mark: pending buckets and late cells."""
+
+    pending_window: npt.NDArray[np.int32]
+    pending_bucket_ms: npt.NDArray[np.int64]
+    late_window: npt.NDArray[np.int32]
+    late_bucket_ms: npt.NDArray[np.int64]
+    late_sensor: npt.NDArray[np.int32]
+    late_metric: npt.NDArray[np.int16]
+
+    @property
+    def late(self) -> int:
+        return int(self.late_window.size)
+
+
+class ClosedWindows:
+    """The recently closed windows (bucket starts, epoch ms, sorted), per window length:
+    the processor's copy of ``rollup_closed``, refreshed every close period."""
+
+    #: How far back the copy reaches; a reading older than that marks its window
+    #: (a whole-window recompute), which is correct, only dearer.
+    horizon_s = 2 * 86_400
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, npt.NDArray[np.int64]] = {
+            w: np.empty(0, np.int64) for w in WINDOWS_S.values()}
+
+    async def refresh(self, conn: asyncpg.Connection) -> None:
+        rows = await conn.fetch(
+            "select window_s, (extract(epoch from bucket) * 1000)::int8 from rollup_closed "
+            "where bucket > now() - $1 * interval '1 second' order by 1, 2", self.horizon_s)
+        for w in self.buckets:
+            self.buckets[w] = np.array([r[1] for r in rows if r[0] == w], dtype=np.int64)
+
+    def closed(self, window_s: int, bucket_ms: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        return np.isin(bucket_ms, self.buckets[window_s])
+
+
+def marks(time_ms: npt.NDArray[np.int64], sensor: npt.NDArray[np.integer],
+          metric: npt.NDArray[np.integer], closed: ClosedWindows) -> Marks:
+    """The window marks of some stored readings (vectorized: a few ``np.unique``)."""
+    pw, pb, lw, lb, ls, lm = [], [], [], [], [], []
+    for window_s in WINDOWS_S.values():
+        width = window_s * 1000
+        bucket = time_ms // width * width
+        old = closed.closed(window_s, bucket)
+        recent = np.unique(bucket[~old])
+        pw.append(np.full(recent.size, window_s, np.int32))
+        pb.append(recent)
+        if old.any():
+            cells = np.unique(np.stack((bucket[old], sensor[old].astype(np.int64),
+                                        metric[old].astype(np.int64))), axis=1)
+            lw.append(np.full(cells.shape[1], window_s, np.int32))
+            lb.append(cells[0])
+            ls.append(cells[1].astype(np.int32))
+            lm.append(cells[2].astype(np.int16))
+
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+    return Marks(cat(pw, np.int32), cat(pb, np.int64), cat(lw, np.int32), cat(lb, np.int64),
+                 cat(ls, np.int32), cat(lm, np.int16))
+
+
+async def write_marks(conn: asyncpg.Connection, m: Marks) -> None:
+    """Record a batch's marks (call inside the batch's transaction)."""
+    if m.pending_window.size:
+        await conn.execute(_MARK_PENDING, m.pending_window, m.pending_bucket_ms)
+    if m.late:
+        await conn.execute(_MARK_LATE, m.late_window, m.late_bucket_ms, m.late_sensor,
+                           m.late_metric)
+
+
+@dataclass(slots=True)
+class Closed:
+    """What one closer run did."""
+
+    buckets: dict[str, int] = field(default_factory=dict)  # window -> buckets computed
+    late_cells: int = 0
+    seconds: float = 0.0
+    skipped: bool = False  # another processor holds the closer's lock
+
+
+class WindowCloser:
+    """Computes pending windows and late cells (see the module docstring)."""
+
+    def __init__(self, grace: Grace | None = None, *, batch_buckets: int = 50,
+                 batch_cells: int = 20_000) -> None:
+        self.grace = grace or Grace()
+        self.batch_buckets = batch_buckets
+        self.batch_cells = batch_cells
+
+    async def pending(self, conn: asyncpg.Connection) -> int:
+        """Buckets and late cells not computed yet."""
+        return int(await conn.fetchval(
+            "select (select count(*) from rollup_pending) + (select count(*) from rollup_late)"))
+
+    async def run(self, conn: asyncpg.Connection, *, everything: bool = False) -> Closed:
+        """Compute what is due (``everything``: all that is pending, open windows too)."""
+        t0 = time.perf_counter()
+        done = Closed()
+        if not await conn.fetchval("select pg_try_advisory_lock($1)", LOCK_ID):
+            done.skipped = True
+            return done
+        try:
+            for name, window_s in WINDOWS_S.items():
+                done.buckets[name] = await self._close_buckets(conn, name, window_s,
+                                                                everything)
+                done.late_cells += await self._late_cells(conn, name, window_s, everything)
+        finally:
+            await conn.execute("select pg_advisory_unlock($1)", LOCK_ID)
+        done.seconds = time.perf_counter() - t0
+        for name, n in done.buckets.items():
+            if n:
+                metrics.WINDOWS_CLOSED.labels(name).inc(n)
+        if done.late_cells:
+            metrics.LATE_CELLS.inc(done.late_cells)
+        return done
+
+    async def _close_buckets(self, conn: asyncpg.Connection, name: str, window_s: int,
+                             everything: bool) -> int:
+        # ``due``: ended more than its grace ago and settled. Only a due window is listed
+        # as closed; one computed early (``everything``) is computed again when due.
+        rows = await conn.fetch(
+            "select bucket, touched_at, due from (select bucket, touched_at,"
+            " bucket + $1 * interval '1 second' + $3 * interval '1 second' < now() and"
+            " touched_at < now() - $4 * interval '1 second' as due"
+            " from rollup_pending where window_s = $1) p where $2 or due"
+            " order by bucket limit $5",
+            window_s, everything, self.grace.of(window_s), self.grace.settle_s,
+            self.batch_buckets)
+        sql = _close_bucket_sql(name)
+        for bucket, touched_at, due in rows:
+            async with conn.transaction():
+                await conn.execute(sql, bucket, bucket + timedelta(seconds=window_s))
+                if due:
+                    await conn.execute(
+                        "insert into rollup_closed (window_s, bucket) values ($1, $2) "
+                        "on conflict (window_s, bucket) do update set closed_at = now()",
+                        window_s, bucket)
+            await conn.execute("delete from rollup_pending where window_s = $1 and bucket = $2 "
+                               "and touched_at = $3", window_s, bucket, touched_at)
+        return len(rows)
+
+    async def _late_cells(self, conn: asyncpg.Connection, name: str, window_s: int,
+                          everything: bool) -> int:
+        # Late cells wait a little (the grace's settle, and a minute for hours) so that
+        # a trickle of late readings is recomputed once, not once per batch.
+        wait_s = 0.0 if everything else self.grace.settle_s * (1 if window_s == 60 else 30)
+        rows = await conn.fetch(
+            "select id, bucket, sensor, metric from rollup_late where window_s = $1 and "
+            "marked_at < now() - $2 * interval '1 second' order by id limit $3",
+            window_s, wait_s, self.batch_cells)
+        if not rows:
+            return 0
+        ids, buckets, sensors, metric_codes = (list(c) for c in zip(*rows, strict=True))
+        async with conn.transaction():
+            await conn.execute(_late_cells_sql(name, window_s), buckets, sensors, metric_codes)
+            await conn.execute("delete from rollup_late where id = any($1::int8[])", ids)
+        return len(rows)
