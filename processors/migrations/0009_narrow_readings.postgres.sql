@@ -53,7 +53,11 @@ create table if not exists readings (
     quality smallint not null default 0,
     constraint readings_natural_key unique (sensor, metric, time)
 ) partition by range (time);
-create index if not exists readings_time_brin on readings using brin (time);
+-- The rollup closer reads a just-ended minute by time: BRIN ranges of 32 pages, summarized
+-- as soon as the next range fills (autosummarize), so only the newest range is unsummarized
+-- (an unsummarized range is read whole by every such query).
+create index if not exists readings_time_brin on readings using brin (time)
+    with (pages_per_range = 32, autosummarize = on);
 
 do $partman$
 begin
