@@ -37,7 +37,10 @@ What ingest produces with ``ingest_contract_version = 2``: at most one record pe
 message. A gateway message is ONE record keyed by the gateway id; a device message one
 record keyed by its sensor id, or by its gateway's id if the registry puts the sensor
 behind one (it may still publish directly): every reading of a sensor, by either path,
-lands on one partition, in order.
+lands on one partition, in order. The single-reading messages of one ingest batch (what
+arrives within ingest's linger) that land on the same partition share ONE record, keyed
+by the first one's key (``ingest.kafka.v2_records``): a record may hold many sensors,
+and a consumer must not take its key for the only sensor in it.
 
 A batch holds *rows* (one per reading event: a sensor's sample at one time, the v1
 ``Event`` of kind ``reading``) and *readings* (one per measurement of a row: the natural
@@ -476,17 +479,23 @@ def _objects(names: list[str]) -> npt.NDArray[np.object_]:
     return a
 
 
+@dataclass(slots=True)
 class _Part:
-    """Columns of a run of records of one version, before codes are made global."""
+    """Columns of a run of records of one version, before codes are made global: sensor
+    and metric indices are into this part's own name lists."""
 
-    __slots__ = ("count", "interval", "metric_names", "mlocal", "nrows",
-                 "quality", "receive", "record", "sensor_names", "slocal", "time", "value",
-                 "vendor_names")
-
-    def __init__(self) -> None:
-        self.sensor_names: list[str] = []
-        self.vendor_names: list[str] = []
-        self.metric_names: list[str] = []
+    sensor_names: list[str]
+    vendor_names: list[str]  # parallel to sensor_names
+    metric_names: list[str]
+    record: npt.NDArray[np.int64]  # per row: index of its record in the decoded list
+    slocal: npt.NDArray[np.int64]  # per row: index into sensor_names
+    time: npt.NDArray[np.int64]
+    receive: npt.NDArray[np.int64]
+    interval: npt.NDArray[np.int32]
+    quality: npt.NDArray[np.int32]
+    count: npt.NDArray[np.int64]  # per row: its readings
+    mlocal: npt.NDArray[np.int64]  # per reading: index into metric_names
+    value: npt.NDArray[np.float64]
 
 
 def _run_v1(values: list[bytes], first: int, alone: bool
@@ -499,7 +508,8 @@ def _run_v1(values: list[bytes], first: int, alone: bool
         if len(events) != len(values):  # two broken records can join into one valid value
             raise msgspec.ValidationError(f"v1 records {first}..{first + len(values) - 1}: "
                                           f"{len(values)} records decoded as {len(events)}")
-    part = _Part()
+    sensor_names: list[str] = []
+    vendor_names: list[str] = []
     incidents: list[Incident] = []
     incident_record: list[int] = []
     sensor_at: dict[str, int] = {}
@@ -524,9 +534,9 @@ def _run_v1(values: list[bytes], first: int, alone: bool
             continue
         s = sensor_at.get(ev.sensor_id)
         if s is None:
-            s = sensor_at[ev.sensor_id] = len(part.sensor_names)
-            part.sensor_names.append(ev.sensor_id)
-            part.vendor_names.append(ev.vendor)
+            s = sensor_at[ev.sensor_id] = len(sensor_names)
+            sensor_names.append(ev.sensor_id)
+            vendor_names.append(ev.vendor)
         rec.append(first + k)
         sl.append(s)
         t.append(ev.event_time)
@@ -541,17 +551,10 @@ def _run_v1(values: list[bytes], first: int, alone: bool
                 code = metric_at[name] = len(metric_at)
             ml.append(code)
         v.extend(m.values())
-    part.metric_names = list(metric_at)
-    part.record = np.array(rec, np.int64)
-    part.slocal = np.array(sl, np.int64)
-    part.time = np.array(t, np.int64)
-    part.receive = np.array(r, np.int64)
-    part.interval = np.array(iv, np.int32)
-    part.quality = np.array(q, np.int32)
-    part.count = np.array(c, np.int64)
-    part.mlocal = np.array(ml, np.int64)
-    part.value = np.array(v, np.float64)
-    part.nrows = len(rec)
+    part = _Part(sensor_names, vendor_names, list(metric_at), np.array(rec, np.int64),
+                 np.array(sl, np.int64), np.array(t, np.int64), np.array(r, np.int64),
+                 np.array(iv, np.int32), np.array(q, np.int32), np.array(c, np.int64),
+                 np.array(ml, np.int64), np.array(v, np.float64))
     return part, incidents, incident_record
 
 
@@ -571,7 +574,6 @@ def _run_v2(values: list[bytes], first: int, alone: bool
 
     decode = _v2_decoder.decode
     batches = [decode(raw) for raw in values]
-    part = _Part()
     nrec = len(batches)
     cols: dict[str, npt.NDArray[Any]] = {}
     lengths: dict[str, npt.NDArray[np.int64]] = {}
@@ -630,25 +632,21 @@ def _run_v2(values: list[bytes], first: int, alone: bool
     if bad.size:
         raise _bad(int(reading_record[bad[0]]),
                    f"value {float(value[bad[0]])!r} is not a finite number")
-    part.sensor_names = list(chain.from_iterable(map(attrgetter("sensors"), batches)))
-    part.vendor_names = list(chain.from_iterable(map(attrgetter("vendors"), batches)))
-    part.metric_names = list(chain.from_iterable(map(attrgetter("metrics"), batches)))
     incidents: list[Incident] = []
     incident_record: list[int] = []
     for k, b in enumerate(batches):
         if b.incidents:
             incidents += b.incidents
             incident_record += [first + k] * len(b.incidents)
-    part.record = record + first
-    part.slocal = slocal + (np.cumsum(nsensors) - nsensors)[record]
-    part.time = cols["time"].astype(np.int64)
-    part.receive = cols["receive_time"].astype(np.int64)
-    part.interval = cols["interval_s"].astype(np.int32)
-    part.quality = cols["quality"].astype(np.int32)
-    part.count = count
-    part.mlocal = mlocal + (np.cumsum(nmetrics) - nmetrics)[reading_record]
-    part.value = value.astype(np.float64)
-    part.nrows = int(rows_of.sum())
+    part = _Part(
+        list(chain.from_iterable(map(attrgetter("sensors"), batches))),
+        list(chain.from_iterable(map(attrgetter("vendors"), batches))),
+        list(chain.from_iterable(map(attrgetter("metrics"), batches))),
+        record + first, slocal + (np.cumsum(nsensors) - nsensors)[record],
+        cols["time"].astype(np.int64), cols["receive_time"].astype(np.int64),
+        cols["interval_s"].astype(np.int32), cols["quality"].astype(np.int32), count,
+        mlocal + (np.cumsum(nmetrics) - nmetrics)[reading_record],
+        value.astype(np.float64))
     return part, incidents, incident_record
 
 
