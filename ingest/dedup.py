@@ -39,15 +39,22 @@ class DuplicateWindow:
 
     def filter(self, events: list[Event], now_ms: int) -> tuple[list[Event], int]:
         """Events not seen before (remembering them), and how many were dropped."""
+        kept = self.keep(events, now_ms)
+        return [events[k] for k in kept], len(events) - len(kept)
+
+    def keep(self, events: list[Event], now_ms: int) -> list[int]:
+        """Positions of the events not seen before (remembering them): what ``filter``
+        keeps, for callers that carry other per-event lists alongside (which message
+        each came from)."""
         current = self._current(now_ms)
         older = [s for _, s in self._buckets if s is not current]
-        kept: list[Event] = []
+        kept: list[int] = []
         before = len(current)
-        for ev in events:
+        for k, ev in enumerate(events):
             eid = ev.event_id
             if eid in current or any(eid in s for s in older):
                 continue
             current.add(eid)
-            kept.append(ev)
+            kept.append(k)
         self._size += len(current) - before
-        return kept, len(events) - len(kept)
+        return kept

@@ -23,6 +23,13 @@ runs ingest idempotent through both.
 only duplicate (same event id, which consumers must accept anyway) and per-partition
 order holds, since aiokafka keeps one batch in flight per partition.
 
+What goes on the events topic depends on ``ingest_contract_version`` (see
+``ingest/contract.py``): ``v1_records`` makes one JSON event per record keyed by sensor
+id, ``v2_records`` one ``EventBatch`` per MQTT message keyed as ``Normalized.keys``
+says, and coalesces the messages of a single reading that one batch of MQTT messages
+(ingest's linger) holds into one record per partition. Either way a record goes to the
+partition murmur2 of its key picks, so a sensor's readings stay on one partition.
+
 Compression defaults to zstd (``kafka_compression``): aiokafka compresses lz4 at level 9
 (LZ4-HC), measured here at ~370 MB/s, a tenth of ingest's CPU at full speed; zstd at
 its default level 3 ran at ~1,600 MB/s and made batches of events 2.3x smaller. Both
@@ -35,8 +42,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -48,13 +55,68 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 
 from cityops.settings import Settings
-from ingest.contract import DeadLetter, Event, encode_deadletter, encode_event
+from ingest.contract import DeadLetter, Event, encode_batch, encode_deadletter, encode_event
 from ingest.metrics import KAFKA_SEND_SECONDS
 
 log = logging.getLogger("cityops.ingest.kafka")
 # Errors after which this producer id can never succeed again: renew the client.
 PRODUCER_FATAL = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch,
                   ProducerFenced)
+
+
+# Rows of single-reading messages coalesced into one v2 record at most: a bound on the
+# record's size (~50 bytes a row, zstd'd in the batch) whatever ``ingest_batch_max`` is.
+COALESCE_MAX_ROWS = 5_000
+
+
+class OutRecord(NamedTuple):
+    """One events-topic record, encoded: the same bytes whenever it is handed over again."""
+
+    key: str
+    value: bytes
+    timestamp: int  # epoch ms: when ingest received (the first of) its message(s)
+    partition: int | None = None  # None: where murmur2 of ``key`` puts it
+
+
+def v1_records(events: list[Event]) -> list[OutRecord]:
+    """Contract v1: one JSON event per record, keyed by sensor id."""
+    return [OutRecord(e.sensor_id, encode_event(e), e.receive_time) for e in events]
+
+
+def v2_records(events: list[Event], origin: list[int], keys: dict[int, str],
+               partition_of: Callable[[str], int] | None = None) -> list[OutRecord]:
+    """Contract v2: the events of each message (``origin``: its index per event) as ONE
+    ``EventBatch`` record keyed by ``keys[message]``.
+
+    With ``partition_of`` (murmur2 of a key, the partition the producer would pick), the
+    messages that made a single event are coalesced: one record per partition holding
+    them all in arrival order, produced to that partition explicitly and keyed by its
+    first message's key (any of its keys hashes to it). Each record takes the place of
+    its first message in the output, so records leave in arrival order per partition.
+    """
+    by_msg: dict[int, list[Event]] = {}
+    for ev, m in zip(events, origin, strict=True):
+        group = by_msg.get(m)
+        if group is None:
+            by_msg[m] = [ev]
+        else:
+            group.append(ev)
+    slots: list[tuple[str, list[Event], int | None]] = []  # (key, events, partition)
+    open_slot: dict[int, int] = {}  # partition -> index in slots of its coalescing record
+    for m, group in by_msg.items():
+        key = keys[m]
+        if partition_of is None or len(group) != 1:
+            slots.append((key, group, None))
+            continue
+        p = partition_of(key)
+        k = open_slot.get(p)
+        if k is None or len(slots[k][1]) >= COALESCE_MAX_ROWS:
+            open_slot[p] = len(slots)
+            slots.append((key, [group[0]], p))
+        else:
+            slots[k][1].append(group[0])
+    return [OutRecord(key, encode_batch(group), group[0].receive_time, p)
+            for key, group, p in slots]
 
 
 class EventProducer:
@@ -117,6 +179,12 @@ class EventProducer:
                 await asyncio.sleep(1)
         await self._producer.start()
 
+    def partition_of(self, key: str) -> int:
+        """The events partition of ``key``: murmur2, as ``send(key=...)`` and the Java
+        client's default partitioner pick it (cached per key)."""
+        topic = self.topics.events
+        return (self._routes[topic].get(key) or self._route(topic, key))[0]
+
     def _route(self, topic: str, key: str) -> tuple[int, bytes]:
         routes = self._routes[topic]
         if len(routes) > 1_000_000:  # keys are sensor ids; bound it all the same
@@ -126,24 +194,28 @@ class EventProducer:
         route = routes[key] = (self._partitioner(kb, parts, parts), kb)
         return route
 
-    async def submit(self, events: list[Event], deadletters: list[DeadLetter]) -> Awaitable[None]:
-        """Hand records to the producer; the returned awaitable resolves when Kafka has
-        acknowledged every one of them (and raises if any failed after retries).
+    async def submit(self, records: list[OutRecord],
+                     deadletters: list[DeadLetter]) -> Awaitable[None]:
+        """Hand records (``v1_records``/``v2_records``) and dead letters to the producer;
+        the returned awaitable resolves when Kafka has acknowledged every one of them
+        (and raises if any failed after retries).
 
         Awaiting ``submit`` itself may take a while when the producer's buffer is full:
         that is the backpressure that eventually stops ingest reading MQTT.
         """
         started = time.perf_counter()
         futures: list[asyncio.Future] = []
-        for topic, records in (
-                (self.topics.events, [(e.sensor_id, encode_event(e), e.receive_time)
-                                      for e in events]),
-                (self.topics.deadletter, [(d.sensor_id or d.mqtt_topic, encode_deadletter(d),
-                                           d.received_at) for d in deadletters])):
+        for topic, out in (
+                (self.topics.events, records),
+                (self.topics.deadletter, [OutRecord(d.sensor_id or d.mqtt_topic,
+                                                    encode_deadletter(d), d.received_at)
+                                          for d in deadletters])):
             routes = self._routes[topic]
             batches: dict[int, Any] = {}
-            for key, value, ts in records:
+            for key, value, ts, chosen in out:
                 partition, kb = routes.get(key) or self._route(topic, key)
+                if chosen is not None:
+                    partition = chosen
                 batch = batches.get(partition)
                 if batch is None:
                     batch = batches[partition] = self._producer.create_batch()

@@ -89,6 +89,23 @@ class _GatewayIds(msgspec.Struct):
 
 
 @dataclass(slots=True)
+class Normalized:
+    """What one batch of messages became, with where each event came from.
+
+    ``origin`` says which message (index in the batch) each event was made from, and
+    ``keys`` the Kafka key of each message that made events: contract v2 produces one
+    record per message, keyed by the gateway id for a gateway message, else by the
+    sensor's gateway if the registry puts it behind one, else by the sensor id (so a
+    sensor's readings share one partition whichever way they came).
+    """
+
+    events: list[Event]
+    dead: list[DeadLetter]
+    origin: list[int]
+    keys: dict[int, str]
+
+
+@dataclass(slots=True)
 class _GatewayRefusals:
     """The refused elements of one gateway message: counted, the first few kept."""
 
@@ -155,7 +172,12 @@ class Normalizer:
 
     # -- public ---------------------------------------------------------------------
     def normalize(self, messages: list[InboundMessage]) -> tuple[list[Event], list[DeadLetter]]:
-        """Events in message order, and one dead letter per refused payload.
+        """Events in message order, and one dead letter per refused payload."""
+        out = self.normalize_batch(messages)
+        return out.events, out.dead
+
+    def normalize_batch(self, messages: list[InboundMessage]) -> Normalized:
+        """``normalize``, saying which message each event came from and its Kafka key.
 
         Never raises for what is in a message: if the batch-wide work fails on something
         no rule foresaw, the batch is done again one message at a time, and the message
@@ -165,20 +187,23 @@ class Normalizer:
             return self._normalize(messages)
         except Exception as exc:
             if len(messages) == 1:
-                return [], [_dead(messages[0], messages[0].payload, reject_of(exc), None)]
-        events: list[Event] = []
-        dead: list[DeadLetter] = []
-        for msg in messages:
+                return Normalized([], [_dead(messages[0], messages[0].payload,
+                                             reject_of(exc), None)], [], {})
+        out = Normalized([], [], [], {})
+        for i, msg in enumerate(messages):
             try:
-                ev, dl = self._normalize([msg])
+                one = self._normalize([msg])
             except Exception as exc:
-                ev, dl = [], [_dead(msg, msg.payload, reject_of(exc), None)]
-            events += ev
-            dead += dl
-        return events, dead
+                out.dead.append(_dead(msg, msg.payload, reject_of(exc), None))
+                continue
+            out.events += one.events
+            out.dead += one.dead
+            out.origin += [i] * len(one.events)
+            if 0 in one.keys:
+                out.keys[i] = one.keys[0]
+        return out
 
-    def _normalize(self, messages: list[InboundMessage]
-                   ) -> tuple[list[Event], list[DeadLetter]]:
+    def _normalize(self, messages: list[InboundMessage]) -> Normalized:
         dead: list[tuple[int, DeadLetter]] = []  # (message index, letter)
         refused: dict[int, _GatewayRefusals] = {}  # message index -> its refused elements
         by_vendor: dict[str, list[_Item]] = defaultdict(list)
@@ -210,10 +235,10 @@ class Normalizer:
                 except Exception as exc:  # an adapter bug must not lose the rest of the batch
                     self._refuse(messages, it, reject_of(exc), dead, refused)
         item_rows.sort(key=lambda ir: ir[0].msg)  # events leave in arrival order
-        events = self._check_and_build(messages, item_rows, dead, refused)
+        events, origin, keys = self._check_and_build(messages, item_rows, dead, refused)
         dead += [(i, _gateway_dead(messages[i], r)) for i, r in refused.items() if r.count]
         dead.sort(key=lambda d: d[0])  # stable: a message's letters keep their order
-        return events, [d for _, d in dead]
+        return Normalized(events, [d for _, d in dead], origin, keys)
 
     def _refuse(self, messages: list[InboundMessage], it: _Item, rej: Reject,
                 dead: list[tuple[int, DeadLetter]],
@@ -366,7 +391,10 @@ class Normalizer:
     def _check_and_build(self, messages: list[InboundMessage],
                          item_rows: list[tuple[_Item, list[Row]]],
                          dead: list[tuple[int, DeadLetter]],
-                         refused: dict[int, _GatewayRefusals]) -> list[Event]:
+                         refused: dict[int, _GatewayRefusals]
+                         ) -> tuple[list[Event], list[int], dict[int, str]]:
+        """Events of the rows that pass, the message each came from, and the Kafka key
+        of each message with events (see ``Normalized``)."""
         rows: list[Row] = []
         owner: list[int] = []  # row -> index into item_rows
         for k, (_, rs) in enumerate(item_rows):
@@ -374,7 +402,7 @@ class Normalizer:
             owner.extend([k] * len(rs))
         n = len(rows)
         if n == 0:
-            return []
+            return [], [], {}
         received = np.fromiter((messages[item_rows[k][0].msg].received_at for k in owner),
                                dtype=np.float64, count=n)
         etime = np.fromiter((r.event_time for r in rows), dtype=np.float64, count=n)
@@ -403,6 +431,8 @@ class Normalizer:
                 bad_items.add(owner[j])
                 self._refuse(messages, item_rows[owner[j]][0], Reject(*r), dead, refused)
         events: list[Event] = []
+        origin: list[int] = []
+        keys: dict[int, str] = {}
         q = quality.tolist()
         for j, row in enumerate(rows):
             if owner[j] in bad_items:
@@ -415,7 +445,10 @@ class Normalizer:
                 event_time=row.event_time, receive_time=messages[it.msg].received_at,
                 kind=row.kind, incident=row.incident, interval_s=row.interval_s,
                 measurements=measurements[j], quality=q[j]))
-        return events
+            origin.append(it.msg)
+            if it.msg not in keys:
+                keys[it.msg] = it.gateway or it.sensor.gateway or sid
+        return events, origin, keys
 
     def _template(self, s: Sensor) -> Event:
         if len(self._templates) >= TOPIC_CACHE_SIZE:

@@ -25,6 +25,11 @@ Riding through broker restarts (the front door of the city must not need a resta
   outage ends the service with an error (nothing unacknowledged is lost: the broker
   redelivers it to the next process).
 
+What the events become on Kafka follows ``ingest_contract_version``: v1, one JSON
+event per record; v2, one columnar ``EventBatch`` per MQTT message, and one per
+partition for the single-reading messages of a batch (``ingest.kafka.v2_records``).
+Dead letters and the duplicate window are the same in both.
+
 Memory is bounded twice: by MQTT v5 Receive Maximum (``ingest_inflight_max``: the
 broker sends no more unacknowledged messages, and queues the rest itself) and by the
 pipeline depth (when Kafka is slow, ``submit`` and the pipeline queue block, so the
@@ -42,12 +47,12 @@ from dataclasses import dataclass, field
 
 from cityops.kafka import require_topics
 from cityops.registry import Fleet, load_fleet
-from cityops.settings import Settings
+from cityops.settings import Settings, SettingsError
 from ingest import metrics
 from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import DeadLetter, Event
 from ingest.dedup import DuplicateWindow
-from ingest.kafka import PRODUCER_FATAL, EventProducer
+from ingest.kafka import PRODUCER_FATAL, EventProducer, OutRecord, v1_records, v2_records
 from ingest.mqtt import (
     CONNECTION_LOST,
     MqttBatch,
@@ -85,6 +90,7 @@ class _InFlight:
     acked: asyncio.Future[None]
     batch: MqttBatch
     events: list[Event]
+    records: list[OutRecord]  # the events, encoded: handed over again as they are
     dead: list[DeadLetter]
     producer_generation: int  # which Kafka client the ack future belongs to
 
@@ -105,6 +111,10 @@ class IngestService:
         self.normalizer = Normalizer(fleet or load_fleet(settings.fleet_file), settings)
         self.dedup = DuplicateWindow(settings.ingest_dedup_window_s,
                                      settings.ingest_dedup_max_ids)
+        if settings.ingest_contract_version not in (1, 2):
+            raise SettingsError(f"setting 'ingest_contract_version': 1 or 2, not "
+                                f"{settings.ingest_contract_version}")
+        self.contract = settings.ingest_contract_version
         self.stats = IngestStats()
         self.ready = asyncio.Event()  # set while connected and subscribed
         self._stop = asyncio.Event()
@@ -199,8 +209,16 @@ class IngestService:
         metrics.MESSAGES_IN.inc(n)
         metrics.QUEUE_DEPTH.inc(n)
         metrics.BATCH_MESSAGES.observe(n)
-        events, dead = self.normalizer.normalize(batch.messages)
-        events, dups = self.dedup.filter(events, int(time.time() * 1000))
+        out = self.normalizer.normalize_batch(batch.messages)
+        dead = out.dead
+        kept = self.dedup.keep(out.events, int(time.time() * 1000))
+        events = [out.events[k] for k in kept]
+        dups = len(out.events) - len(kept)
+        if self.contract == 2:
+            records = v2_records(events, [out.origin[k] for k in kept], out.keys,
+                                 producer.partition_of)
+        else:
+            records = v1_records(events)
         if dups:
             self.stats.duplicates += dups
             metrics.DUPLICATES.inc(dups)
@@ -209,16 +227,16 @@ class IngestService:
             metrics.REJECTIONS.labels(d.reason).inc()
         metrics.BATCH_EVENTS.observe(len(events))
         generation = producer.generation
-        return _InFlight(await self._submit(producer, events, dead), batch, events, dead,
-                         generation)
+        return _InFlight(await self._submit(producer, records, dead), batch, events, records,
+                         dead, generation)
 
     @staticmethod
-    async def _submit(producer: EventProducer, events: list[Event],
+    async def _submit(producer: EventProducer, records: list[OutRecord],
                       dead: list[DeadLetter]) -> asyncio.Future[None]:
         """``producer.submit``, with a failure to hand over (the producer's queue stayed
         full past its timeout: Kafka down) turned into a failed ack the acker retries."""
         try:
-            acked: Awaitable[None] = await producer.submit(events, dead)
+            acked: Awaitable[None] = await producer.submit(records, dead)
         except Exception as exc:
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
@@ -251,7 +269,7 @@ class IngestService:
                 if await sleep_unless(self._stop, delay):
                     continue  # stopping: the next look fails and ends the wait
                 item.producer_generation = producer.generation
-                item.acked = await self._submit(producer, item.events, item.dead)
+                item.acked = await self._submit(producer, item.records, item.dead)
 
     async def _ack_in_order(self, source: MqttSource, pipeline: asyncio.Queue[_InFlight | None],
                             producer: EventProducer) -> None:
