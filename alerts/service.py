@@ -63,6 +63,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
+from alerts.decode import decode_value, decode_values
 from alerts.engine import Engine
 from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED
 from alerts.model import AlertChange, Signal, encode_change
@@ -73,12 +74,20 @@ from cityops.registry import Fleet, load_fleet
 from cityops.service import static_member_id
 from cityops.settings import Settings
 from ingest.backoff import Backoff, sleep_unless
-from ingest.contract import DeadLetter, Event, decode_event, decode_events, encode_deadletter
+from ingest.contract import DeadLetter, Event, encode_deadletter, is_v1
 from ingest.kafka import PRODUCER_FATAL
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify
 from processors.storage import Source, park
 
 log = logging.getLogger(__name__)
+
+
+def _key_sensor(key: bytes | None, value: bytes | None) -> str | None:
+    """The sensor a refused events record is keyed by: a v1 record's key is its sensor; a
+    v2 record's may be a gateway or the first of many sensors, so it names none."""
+    if not key or (value and not is_v1(value)):
+        return None
+    return key.decode("utf-8", "replace")
 T = TypeVar("T")
 # A new producer id per attempt: a second fatal error in a row is a broker that refuses
 # every producer, which a process restart (the runtime's job) is no better at.
@@ -354,11 +363,11 @@ class AlertService:
         try:
             return engine.evaluate(events, "events", partitions)
         except Exception as exc:
-            return await self._isolate_evaluation(data, topics.events, exc, decode_event,
+            return await self._isolate_evaluation(data, topics.events, exc, self._decode_one,
                                                   engine.evaluate)
 
     async def _isolate_evaluation(self, data: dict[TopicPartition, list[Any]], topic: str,
-                                  cause: BaseException, one: Callable[[bytes], Any],
+                                  cause: BaseException, one: Callable[[bytes], list[Any]],
                                   evaluate: Callable[[list[Any]], list[Signal]]
                                   ) -> list[Signal]:
         log.warning("rule evaluation failed (%s: %s); evaluating the batch one record at a "
@@ -370,11 +379,11 @@ class AlertService:
                 continue
             for m in msgs:
                 try:
-                    item = one(m.value)
+                    items = one(m.value)  # a v2 record holds many events
                 except (msgspec.ValidationError, msgspec.DecodeError, TypeError):
                     continue  # dead-lettered when the poll was decoded
                 try:
-                    signals += evaluate([item])
+                    signals += evaluate(items)
                 except Exception as exc:
                     refused.append((Source(tp.topic, m.partition, m.offset, m.key, m.value,
                                            m.timestamp), exc, 1))
@@ -445,11 +454,20 @@ class AlertService:
                                                           "state_reset": dropped}})
 
     async def _decode(self, topic: str, msgs: list) -> list[Event]:  # type: ignore[type-arg]
-        return await self._decode_with(topic, msgs, decode_events, decode_event)
+        return await self._decode_with(topic, msgs, self._decode_many, self._decode_one)
+
+    def _decode_many(self, values: list[bytes]) -> list[Event]:
+        """Events of many records, contract v1 and v2 (``alerts.decode``)."""
+        assert self.engine
+        return decode_values(values, self.engine.index.registry)
+
+    def _decode_one(self, value: bytes) -> list[Event]:
+        assert self.engine
+        return decode_value(value, self.engine.index.registry)
 
     async def _decode_with(self, topic: str, msgs: list, many, one) -> list:  # type: ignore[no-untyped-def,type-arg]
         """Decode a poll's messages in one call; if that fails, find and dead-letter the bad
-        ones and keep the good ones in order."""
+        ones and keep the good ones in order (``one`` gives a record's list of items)."""
         try:
             return many([m.value for m in msgs])  # type: ignore[no-any-return]
         except (msgspec.ValidationError, msgspec.DecodeError):
@@ -457,7 +475,7 @@ class AlertService:
         good = []
         for m in msgs:
             try:
-                good.append(one(m.value))
+                good.extend(one(m.value))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 reason = "unsupported_version" if "version" in str(exc) else "bad_json"
                 DEADLETTERS.labels(reason).inc()
@@ -465,7 +483,7 @@ class AlertService:
                                 f"{m.offset}: {exc}", mqtt_topic="",
                                 payload=(m.value or b"").decode("utf-8", "replace"),
                                 received_at=int(time.time() * 1000),
-                                sensor_id=m.key.decode() if m.key else None, service="alerts")
+                                sensor_id=_key_sensor(m.key, m.value), service="alerts")
                 for renewal in range(PRODUCER_RENEWALS + 1):
                     producer = self.producer
                     assert producer is not None

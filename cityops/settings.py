@@ -162,9 +162,10 @@ class Settings:
     ingest_dedup_window_s: int = 600  # same event id again within this window -> dropped
     # Which event contract ingest produces (ingest/contract.py): 1 = one JSON event per
     # reading per Kafka record; 2 = one columnar EventBatch record per MQTT message (and,
-    # for single-reading messages, per Kafka partition per batch). 1 until every consumer
-    # decodes v2 (ingest.contract.decode_batches reads both): consumers upgrade first.
-    ingest_contract_version: int = 1
+    # for single-reading messages, per Kafka partition per batch). The processor and the
+    # alerts decode both (consumers upgrade first); 1 is for a consumer of another agency
+    # that reads only the JSON events.
+    ingest_contract_version: int = 2
     ingest_dedup_max_ids: int = 2_000_000  # memory bound of the duplicate window
     ingest_session_expiry_s: int = 3600  # MQTT persistent session kept this long offline
     ingest_reconnect_min_ms: int = 100  # first MQTT reconnect / Kafka retry delay (jittered)

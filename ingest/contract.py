@@ -676,7 +676,7 @@ def _distinct(names: list[str]) -> tuple[list[str], npt.NDArray[np.int64]]:
     return distinct, np.fromiter(map(code.__getitem__, names), np.int64, len(names))
 
 
-def _is_v1(value: bytes) -> bool:
+def is_v1(value: bytes) -> bool:
     """A v1 JSON event (or nothing at all, which the JSON decoder refuses clearly)."""
     return not value or value[0] in _JSON_FIRST
 
@@ -700,9 +700,9 @@ def decode_batches(values: list[bytes]) -> Columns:
     incident_record: list[int] = []
     i, n = 0, len(values)
     while i < n:
-        v1 = _is_v1(values[i])
+        v1 = is_v1(values[i])
         j = i + 1
-        while j < n and _is_v1(values[j]) == v1:
+        while j < n and is_v1(values[j]) == v1:
             j += 1
         part, inc, inc_rec = (_run_v1 if v1 else _run_v2)(values[i:j], i, n == 1)
         parts.append(part)

@@ -11,6 +11,7 @@ payload is built from arrays with no per-reading object (``processors.copy``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
@@ -18,7 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from ingest.contract import Event, Kind
+from cityops.registry import Sensor
+from ingest.contract import Columns, Event, Kind
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 METRIC_BITS = 16  # metric codes are packed under sensor / district codes in rollup keys
@@ -37,6 +39,12 @@ class Dims(NamedTuple):
     domain: str
     type: str
     landmark: str
+
+
+#: A sensors-table row: (sensor_id, domain, type, vendor, district, landmark, lat, lon,
+#: interval_s), for a sensor the processor sees for the first time.
+SensorRow = tuple[str, str, str, str, str, str, float, float, int]
+UNKNOWN = Dims("unknown", "unknown", "unknown", "unknown")
 
 
 class Vocabulary:
@@ -86,7 +94,7 @@ class Batch:
     metric: npt.NDArray[np.int64]
     area: npt.NDArray[np.int64]
     quality: npt.NDArray[np.int16]
-    new_sensors: list[Event]
+    new_sensors: list[SensorRow]
     duplicates: int  # events repeated inside this batch, dropped here
 
     @property
@@ -141,7 +149,7 @@ def columns(events: list[Event], vocab: Vocabularies, known_sensors: set[str]) -
     metrics: list[int] = []
     areas: list[int] = []
     quality: list[int] = []
-    new_sensors: dict[str, Event] = {}
+    new_sensors: dict[str, SensorRow] = {}
     seen: set[str] = set()
     duplicates = 0
     sensor_code, metric_code, area_code = (vocab.sensors.code, vocab.metrics.code,
@@ -155,7 +163,7 @@ def columns(events: list[Event], vocab: Vocabularies, known_sensors: set[str]) -
         seen.add(ev.event_id)
         sid = ev.sensor_id
         if sid not in known_sensors and sid not in new_sensors:
-            new_sensors[sid] = ev
+            new_sensors[sid] = sensor_row(ev)
         if ev.kind == incident_kind:
             m = ev.measurements
             incidents.append((EPOCH + timedelta(milliseconds=ev.event_time), ev.event_id, sid,
@@ -184,3 +192,99 @@ def columns(events: list[Event], vocab: Vocabularies, known_sensors: set[str]) -
                  np.array(sensors, dtype=np.int64), np.array(metrics, dtype=np.int64),
                  np.array(areas, dtype=np.int64), np.array(quality, dtype=np.int16),
                  list(new_sensors.values()), duplicates)
+
+
+def sensor_row(e: Event) -> SensorRow:
+    """The ``sensors`` row of a sensor known only from its events."""
+    return (e.sensor_id, e.domain, e.type, e.vendor or "unknown", e.district, e.landmark,
+            e.lat, e.lon, e.interval_s)
+
+
+def from_columns(cols: Columns, vocab: Vocabularies, registry: Mapping[str, Sensor],
+                 known_sensors: set[str]) -> Batch:
+    """A batch from decoded contract-v2 columns: arrays stay arrays.
+
+    The only Python loops are over the result's distinct sensors and metrics (mapping
+    their names to this processor's codes) and over incidents; readings are gathered by
+    fancy indexing. Dimension text comes from the fleet registry (a v2 record carries
+    none); a sensor missing from it (a fleet file older than ingest's) is stored as
+    ``unknown`` rather than refused.
+    """
+    scode = np.empty(len(cols.sensor_ids), np.int64)
+    sarea = np.empty(len(cols.sensor_ids), np.int64)
+    new_sensors: list[SensorRow] = []
+    dims_of, area_of = vocab.sensor_dims, vocab.sensor_area
+    for k, sid in enumerate(cols.sensor_ids):
+        c = vocab.sensors.code(sid)
+        scode[k] = c
+        if c not in dims_of:
+            reg = registry.get(sid)
+            d = Dims(reg.district, reg.domain, reg.type, reg.landmark) if reg else UNKNOWN
+            dims_of[c] = d
+            area_of[c] = vocab.areas.code((d.district, d.domain))
+        sarea[k] = area_of[c]
+        if sid not in known_sensors:
+            reg = registry.get(sid)
+            new_sensors.append(
+                (sid, reg.domain, reg.type, reg.vendor, reg.district, reg.landmark, reg.lat,
+                 reg.lon, reg.interval_s) if reg else
+                (sid, "unknown", "unknown", cols.vendors[k] or "unknown", "unknown",
+                 "unknown", 0.0, 0.0, 0))
+    mcode = np.array([vocab.metrics.code(m) for m in cols.metric_names], np.int64)
+    if len(vocab.metrics.names) >= 1 << METRIC_BITS:
+        raise ValueError(f"more than {1 << METRIC_BITS} distinct metrics: refusing to pack keys")
+    incidents: list[tuple[Any, ...]] = []
+    for inc in cols.incidents:
+        reg = registry.get(inc.sensor_id)
+        d = Dims(reg.district, reg.domain, reg.type, reg.landmark) if reg else UNKNOWN
+        m = inc.measurements
+        incidents.append((EPOCH + timedelta(milliseconds=inc.event_time), inc.event_id,
+                          inc.sensor_id, inc.incident, d.district, d.domain, d.type,
+                          d.landmark, reg.lat if reg else 0.0, reg.lon if reg else 0.0,
+                          m.get("confidence"), m.get("people_count"), inc.quality, m))
+        if inc.sensor_id not in known_sensors and reg is not None and not any(
+                r[0] == inc.sensor_id for r in new_sensors):
+            new_sensors.append((inc.sensor_id, reg.domain, reg.type, reg.vendor, reg.district,
+                                reg.landmark, reg.lat, reg.lon, reg.interval_s))
+    return Batch(incidents, cols.time, cols.value, scode[cols.sensor], mcode[cols.metric],
+                 sarea[cols.sensor], cols.quality.astype(np.int16), new_sensors, 0)
+
+
+def concat(parts: list[Batch]) -> Batch:
+    """Batches side by side, in order, readings deduplicated by their natural key."""
+    parts = [p for p in parts if len(p) or p.incidents or p.new_sensors]
+    if not parts:
+        return Batch([], *(np.empty(0, t) for t in (np.int64, np.float64, np.int64,
+                                                      np.int64, np.int64, np.int16)), [], 0)
+    if len(parts) == 1:
+        return unique_readings(parts[0])
+    seen: set[str] = set()
+    new: list[SensorRow] = []
+    for p in parts:
+        for row in p.new_sensors:
+            if row[0] not in seen:
+                seen.add(row[0])
+                new.append(row)
+    return unique_readings(Batch(
+        [i for p in parts for i in p.incidents],
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in (
+            "time_ms", "values", "sensor", "metric", "area", "quality")),
+        new, sum(p.duplicates for p in parts)))
+
+
+def unique_readings(batch: Batch) -> Batch:
+    """``batch`` without repeated (sensor, metric, time) readings, the first one kept (a
+    reading sent twice, by MQTT redelivery or a gateway resending, is one reading)."""
+    n = len(batch)
+    if n < 2:
+        return batch
+    order = np.lexsort((np.arange(n), batch.time_ms, batch.metric, batch.sensor))
+    s, m, t = batch.sensor[order], batch.metric[order], batch.time_ms[order]
+    repeat = np.zeros(n, bool)
+    repeat[1:] = (s[1:] == s[:-1]) & (m[1:] == m[:-1]) & (t[1:] == t[:-1])
+    if not repeat.any():
+        return batch
+    keep = np.sort(order[~repeat])
+    out = batch.only(keep)
+    out.duplicates += int(repeat.sum())
+    return out

@@ -47,13 +47,16 @@ from ingest.backoff import Backoff, sleep_unless
 from ingest.contract import (
     DeadLetter,
     Event,
+    decode_batches,
     decode_deadletter,
+    decode_each,
     decode_event,
     decode_events,
     encode_deadletter,
+    is_v1,
 )
 from processors import metrics
-from processors.batch import METRIC_BITS, Vocabularies, columns
+from processors.batch import METRIC_BITS, Batch, Vocabularies, columns, concat, from_columns
 from processors.faults import is_away
 from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS, Groups, Rollup, encode_rollup
@@ -171,8 +174,7 @@ class Processor:
             else:
                 event_values.extend(r.value for r in recs)
         metrics.BATCH_SIZE.observe(len(event_values) + len(letters))
-        events, bad = decode_all(event_values)
-        batch = columns(events, self.storage.vocab, self.storage.known_sensors)
+        batch, bad = self.decode(event_values)
         try:
             result = await self.storage.write(batch, letters)
         except Exception as exc:
@@ -196,6 +198,22 @@ class Processor:
         await self.update_lag()
         return result
 
+    def decode(self, values: list[bytes | None]) -> tuple[Batch, list[tuple[bytes, str]]]:
+        """A poll's events-topic values as one batch, and the values that do not decode
+        (with why). v1 events (the legacy JSON contract) and v2 columnar records are
+        decoded apart, each in one call: a v2 record's readings stay arrays from the bytes
+        to the COPY (``processors.batch.from_columns``)."""
+        st = self.storage
+        v1 = [v for v in values if v is None or is_v1(v)]
+        v2 = [v for v in values if v is not None and not is_v1(v)]
+        events, bad = decode_all(v1)
+        parts = [columns(events, st.vocab, st.known_sensors)]
+        if v2:
+            cols, refused = decode_each(v2)  # type: ignore[arg-type]
+            bad += [(v2[k] or b"", reason) for k, reason in refused]
+            parts.append(from_columns(cols, st.vocab, st.registry, st.known_sensors))
+        return concat(parts), bad
+
     def _items(self, records: Records) -> list[Item]:
         """The batch's records one by one, each with what it is stored as, for isolating
         poison. Events that do not decode are left out: they are dead-lettered anyway."""
@@ -210,7 +228,8 @@ class Processor:
                 if r.value is None:
                     continue
                 try:
-                    items.append(Item(src, decode_event(r.value)))
+                    items.append(Item(src, decode_event(r.value) if is_v1(r.value)
+                                      else decode_batches([r.value])))
                 except (msgspec.ValidationError, msgspec.DecodeError):
                     continue
         return items

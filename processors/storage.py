@@ -58,17 +58,20 @@ from typing import Any, TypeVar
 import asyncpg
 import numpy as np
 
-from cityops.registry import Fleet
+from cityops.registry import Fleet, Sensor
 from ingest.backoff import Backoff, sleep_unless
-from ingest.contract import DeadLetter, Event
+from ingest.contract import Columns, DeadLetter, Event
 from processors import metrics
 from processors.batch import (
     INCIDENT_COLUMNS,
     READING_COLUMNS,
     Batch,
+    SensorRow,
     Vocabularies,
     columns,
+    concat,
     event_time,
+    from_columns,
 )
 from processors.copy import readings_payload
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify, describe, safe_text
@@ -171,7 +174,7 @@ class Item:
     """One Kafka record and what it is to be stored as (an event or a dead letter)."""
 
     source: Source
-    thing: Event | StoredDeadLetter
+    thing: Event | Columns | StoredDeadLetter  # a v1 event, a v2 record's columns
 
 
 @dataclass(slots=True)
@@ -303,6 +306,8 @@ class Storage:
         self.closed = ClosedWindows()  # refreshed by the processor's housekeeping
         self.vocab = vocab or Vocabularies()
         self.known_sensors: set[str] = set()
+        # The fleet (``load_fleet``): the places of sensors named by v2 records.
+        self.registry: dict[str, Sensor] = {}
         self.latest = LatestState(latest_flush_s)
         self._ready = False
         self.dsn: str | None = None
@@ -355,7 +360,25 @@ class Storage:
         async with self.conn.transaction():
             await self.conn.executemany(_UPSERT_SENSOR, rows)
         self.known_sensors.update(s.sensor_id for s in fleet)
+        self.registry = {s.sensor_id: s for s in fleet}
         return len(rows)
+
+    def batch_of(self, items: Sequence[Item]) -> Batch:
+        """The readings and incidents of some records (v1 events, v2 columns), in order."""
+        parts: list[Batch] = []
+        events: list[Event] = []
+        for it in items:
+            if isinstance(it.thing, Event):
+                events.append(it.thing)
+            elif isinstance(it.thing, Columns):
+                if events:
+                    parts.append(columns(events, self.vocab, self.known_sensors))
+                    events = []
+                parts.append(from_columns(it.thing, self.vocab, self.registry,
+                                          self.known_sensors))
+        if events:
+            parts.append(columns(events, self.vocab, self.known_sensors))
+        return concat(parts)
 
     async def resolve(self, batch: Batch) -> None:
         """Give every sensor and metric code of ``batch`` its registry key, registering the
@@ -371,7 +394,7 @@ class Storage:
         vocab.db_metric = _grown(vocab.db_metric, len(vocab.metrics.names))
         if batch.new_sensors:
             await self._each_or_all(_INSERT_SEEN_SENSOR,
-                                    [_seen_sensor_row(e) for e in batch.new_sensors])
+                                    [_storable(row) for row in batch.new_sensors])
         codes = np.unique(batch.sensor)
         codes = codes[vocab.db_sensor[codes] < 0]
         if codes.size:
@@ -454,8 +477,9 @@ class Storage:
         await self._after_commit(result, batch.new_sensors)
         return result
 
-    async def _after_commit(self, result: WriteResult, new_sensors: Sequence[Event]) -> None:
-        self.known_sensors.update(e.sensor_id for e in new_sensors)
+    async def _after_commit(self, result: WriteResult, new_sensors: Sequence[SensorRow]
+                            ) -> None:
+        self.known_sensors.update(row[0] for row in new_sensors)
         if result.latest:
             t0 = time.perf_counter()
             for batch in result.latest:
@@ -489,11 +513,10 @@ class Storage:
         t0 = time.perf_counter()
         total = WriteResult()
         refused: list[tuple[Item, BaseException, int]] = []
-        new_sensors: list[Event] = []
+        new_sensors: list[SensorRow] = []
         # Keys first, outside the transaction (see ``resolve``); a piece then only
         # fails for what it carries.
-        await self.resolve(columns([it.thing for it in items if isinstance(it.thing, Event)],
-                                   self.vocab, self.known_sensors))
+        await self.resolve(self.batch_of(items))
         async with self.conn.transaction():
             if len(items) == 1:  # the batch was this record: already retried by write()
                 refused.append((items[0], cause, MAX_RETRIES))
@@ -533,9 +556,8 @@ class Storage:
             try:
                 async with self.conn.transaction():  # a savepoint inside isolate()'s
                     await self.conn.execute(_CLEAR_STAGE)
-                    events = [it.thing for it in piece if isinstance(it.thing, Event)]
                     letters = [it.thing for it in piece if isinstance(it.thing, StoredDeadLetter)]
-                    batch = columns(events, self.vocab, self.known_sensors)
+                    batch = self.batch_of(piece)
                     return (await self._write_once(batch, letters), batch.new_sensors), None, \
                         attempt
             except Exception as exc:
@@ -694,19 +716,18 @@ select user_view_name,
 """
 
 
-def _seen_sensor_row(e: Event) -> tuple[Any, ...]:
-    """A ``sensors`` row for a sensor known only from its events.
-
-    Its descriptive text is made storable (``safe_text``): whichever of the sensor's
-    events came first names it, and one hostile field there must not leave the sensor
-    without a key, its good readings unstorable. The id is its identity and is not
-    touched: an id the database cannot hold is no sensor (its records are parked).
-    """
+def _storable(row: SensorRow) -> SensorRow:
+    """A ``sensors`` row (of a sensor seen for the first time) with its descriptive text
+    made storable (``safe_text``): whichever of the sensor's events came first names it,
+    and one hostile field there must not leave the sensor without a key, its good
+    readings unstorable. The id is its identity and is not touched: an id the database
+    cannot hold is no sensor (its records are parked)."""
     def text(v: str) -> str:
         return safe_text(v, 200) or ""
 
-    return (e.sensor_id, text(e.domain), text(e.type), text(e.vendor or "unknown"),
-            text(e.district), text(e.landmark), e.lat, e.lon, e.interval_s)
+    sid, domain, type_, vendor, district, landmark, lat, lon, interval_s = row
+    return (sid, text(domain), text(type_), text(vendor), text(district), text(landmark),
+            lat, lon, interval_s)
 
 
 def _grown(keys: np.ndarray, size: int) -> np.ndarray:

@@ -8,14 +8,16 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from cityops.devices import DeviceStore, apply
+from cityops.registry import Fleet
 from cityops.settings import SECRET_FIELDS, Settings, new_secret
 from cityops.stack import Stack
+from ingest.contract import Event
 
 
 def free_port() -> int:
@@ -112,3 +114,13 @@ def wait_for_login(settings: Settings, username: str, password: str, *, accepted
         if time.monotonic() > deadline:
             raise AssertionError(f"{username} still {'refused' if accepted else 'accepted'}")
         time.sleep(0.05)
+
+
+def events_in(values: Iterable[bytes | None], fleet: Fleet | None = None) -> list[Event]:
+    """The events of events-topic values, contract v1 or v2 (a v2 record holds many), in
+    order; v2 rows get their place from ``fleet`` (else ``unknown``). Readings keep the
+    v1 event id (a hash of sensor and time), so tests compare ids across versions."""
+    from alerts.decode import decode_values
+    from alerts.engine import registry_places
+
+    return decode_values([v or b"" for v in values], registry_places(fleet))

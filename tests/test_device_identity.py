@@ -39,10 +39,16 @@ from cityops.registry import Fleet, Sensor, load_fleet
 from cityops.settings import PROJECT_ROOT, Settings
 from cityops.stack import Stack
 from ingest import samples
-from ingest.contract import DEADLETTER_REASONS, decode_deadletter, decode_event
+from ingest.contract import DEADLETTER_REASONS, decode_deadletter
 from ingest.normalize import InboundMessage, Normalizer
 from ingest.service import IngestService
-from tests.support import NOT_AUTHORIZED, isolated_settings, mqtt_login, wait_for_login
+from tests.support import (
+    NOT_AUTHORIZED,
+    events_in,
+    isolated_settings,
+    mqtt_login,
+    wait_for_login,
+)
 from tests.test_ingest_service import KafkaReader, base_time, own_group, running, stop
 
 pytestmark = pytest.mark.timeout(180)
@@ -229,15 +235,14 @@ async def test_an_identity_cannot_publish_for_another_sensor_gateway_or_district
                     p.close()
             own_ids = {me.sensor_id, *(s.sensor_id for s in own)}
             evs = await events.until(lambda rs: own_ids <= {
-                decode_event(r.value).sensor_id for r in rs
-                if decode_event(r.value).event_time >= t0})
+                e.sensor_id for e in events_in(r.value for r in rs) if e.event_time >= t0})
             letters = [decode_deadletter(r.value) for r in await dlq.until(
                 lambda rs: sum(decode_deadletter(r.value).received_at >= t0 - 60_000
                                and decode_deadletter(r.value).mqtt_topic in
                                {wrong_district[0], names_victim[0], as_gateway[0], gw_batch[0]}
                                for r in rs) >= 4)]
             await asyncio.sleep(1.0)  # anything forged that got through would show by now
-            evs = [decode_event(r.value) for r in events.records]
+            evs = events_in(r.value for r in events.records)
         finally:
             await stop(service, task)
             sub.close()

@@ -35,8 +35,8 @@ from cityops.city import DISTRICTS
 from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings
 from cityops.stack import Stack
-from ingest.contract import decode_event
 from ingest.mqtt import session_client_id, subscriptions, worker_districts
+from tests.support import events_in
 from tests.test_ingest_reconnect import (
     SurvivingPublisher,
     end_offsets,
@@ -134,7 +134,8 @@ async def test_two_workers_split_the_districts(settings: Settings, fleet: Fleet,
         async with KafkaReader(settings, settings.topics.events) as reader:
             await asyncio.to_thread(publish_all, settings, msgs)
             records = await reader.until(
-                lambda rs: want <= {decode_event(r.value).event_id for r in rs}, within=60)
+                lambda rs: want <= {e.event_id for e in events_in(r.value for r in rs)},
+                within=60)
             await asyncio.sleep(1.0)  # a doubled delivery would trail the last new one
             records = await reader.until(lambda rs: False, within=0.5)
         got = [w.metric("cityops_ingest_messages_total") for w in workers]
@@ -142,7 +143,7 @@ async def test_two_workers_split_the_districts(settings: Settings, fleet: Fleet,
         codes = [w.terminate() for w in workers]
         drop_sessions(workers)
     assert codes == [0, 0]
-    ids = [e for e in (decode_event(r.value).event_id for r in records) if e in want]
+    ids = [e for e in (ev.event_id for ev in events_in(r.value for r in records)) if e in want]
     assert set(ids) == want, f"lost {len(want - set(ids))} of {len(want)}"
     assert len(ids) == len(want), f"{len(ids) - len(want)} events doubled"
     owed = [sum(per_district[d] for d in worker_districts(st)) for st in slots]

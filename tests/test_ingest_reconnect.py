@@ -47,8 +47,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings
 from cityops.stack import Stack
-from ingest.contract import decode_event
-from tests.support import injector, isolated_settings, topic_partitions
+from tests.support import events_in, injector, isolated_settings, topic_partitions
 from tests.test_ingest_service import Worker, base_time, stream
 
 pytestmark = pytest.mark.timeout(180)
@@ -187,13 +186,13 @@ async def event_ids_since(settings: Settings, start: dict[TopicPartition, int],
         last_new = time.monotonic()
         while not want <= set(ids) and time.monotonic() < deadline:
             for recs in (await consumer.getmany(timeout_ms=200, max_records=20_000)).values():
-                ids.extend(decode_event(r.value).event_id for r in recs)
+                ids.extend(e.event_id for e in events_in(r.value for r in recs))
                 last_new = time.monotonic()
             if quiet_s is not None and time.monotonic() - last_new > quiet_s:
                 break
         # A short extra read: duplicates may trail the last new id.
         for recs in (await consumer.getmany(timeout_ms=500, max_records=20_000)).values():
-            ids.extend(decode_event(r.value).event_id for r in recs)
+            ids.extend(e.event_id for e in events_in(r.value for r in recs))
     finally:
         await consumer.stop()
     return ids

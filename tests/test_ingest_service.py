@@ -43,8 +43,13 @@ def fleet() -> Fleet:
 
 
 def own_group(settings: Settings) -> Settings:
-    """A share group of the test's own: sessions of other tests' workers never take a share."""
-    return settings.replace(mqtt_share_group=f"t-{uuid.uuid4().hex[:8]}")
+    """A share group of the test's own: sessions of other tests' workers never take a share.
+
+    These tests read the events topic as contract v1 (one JSON event per reading, keyed
+    by sensor): still a supported setting, for consumers of other agencies. The default,
+    v2, is tested in test_ingest_service_v2.py and test_ingest_records.py."""
+    return settings.replace(mqtt_share_group=f"t-{uuid.uuid4().hex[:8]}",
+                            ingest_contract_version=1)
 
 
 def base_time() -> int:
@@ -370,7 +375,7 @@ async def test_a_batch_of_only_dead_letters_is_acknowledged_after_kafka_has_them
             self.acked.append(batch)
             return True
 
-    service = IngestService(Settings(), "ack-dl", fleet=fleet)
+    service = IngestService(Settings(ingest_contract_version=1), "ack-dl", fleet=fleet)
     sa = next(s for s in fleet if s.vendor == "saomai" and s.type == "lane_detector")
     batch = MqttBatch([InboundMessage(samples.topic_of(sa), p, int(time.time() * 1000))
                        for _, p, _ in poison_elements(fleet)], acks=[(1, 1)])

@@ -27,9 +27,10 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from cityops.registry import Sensor
 from cityops.settings import Settings, Topics
 from cityops.stack.kafka import create_topics
-from ingest.contract import DeadLetter, Event, encode_deadletter, encode_event
+from ingest.contract import DeadLetter, Event, encode_batch, encode_deadletter, encode_event
 from processors import queries
 from processors.batch import Vocabularies, columns
 from processors.latest import LatestState
@@ -269,6 +270,51 @@ async def _merged_partials(s: Settings, tag: str) -> dict[str, dict[tuple, list]
     finally:
         await consumer.stop()
     return out
+
+
+async def test_columnar_records_store_the_same_rows_rollups_latest_and_incidents(
+        settings: Settings) -> None:
+    """Contract v2 through the processor: gateway-sized columnar records (and, during a
+    rolling upgrade, v1 events beside them) store exactly the rows, rollups, latest state
+    and incidents of the same stream; places come from the fleet registry."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    s = private(settings, tag)
+    await create_topics(s)
+    stream = make_stream(tag, int(time.time() * 1000) - 60_000, sensors=12, hours=0.4, seed=29)
+    readings = [e for e in stream.all if e.kind == "reading"]
+    registry = {e.sensor_id: Sensor(e.sensor_id, e.domain, e.type, e.vendor or "x", e.district,
+                                    e.landmark, e.lat, e.lon, e.interval_s) for e in readings}
+    values = [(encode_batch(stream.all[i:i + 25]), stream.all[i].sensor_id)
+              for i in range(0, len(stream.all) - 40, 25)]
+    values += [(encode_event(e), e.sensor_id) for e in stream.all[len(values) * 25:]]
+    storage = await Storage.connect(s.pg_dsn, "postgres")
+    storage.registry = registry
+    conn = await asyncpg.connect(s.pg_dsn)
+    producer = AIOKafkaProducer(bootstrap_servers=s.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        async with running(s, storage) as processor:
+            await asyncio.gather(*[await producer.send(s.topics.events, v, key=k.encode())
+                                   for v, k in values])
+            await wait_for(lambda: _eq(count_rows(conn, tag), len(stream.reading_rows())), 60,
+                           "every reading stored")
+            await wait_for(lambda: _eq(WindowCloser().pending(conn), 0), 30, "windows closed")
+            await wait_for(lambda: _eq(db_latest(conn, tag), reference_latest(stream.all)),
+                           30, "latest state flushed")
+            assert processor.healthy
+        rows = await conn.fetch(STORED_ROWS, f"{tag}-%")
+        assert {(r[0], r[1], r[2]) for r in rows} == stream.reading_rows()
+        assert_rollups_equal(await db_rollups(conn, tag), reference_rollups(stream.all))
+        incidents = {e.event_id for e in stream.distinct() if e.kind == "incident"}
+        got = await conn.fetch("select event_id, district from incidents where sensor_id "
+                               "like $1", f"{tag}-%")
+        assert {r[0] for r in got} == incidents and len(got) == len(incidents)
+        assert all(r[1] == registry[e.sensor_id].district for r in got
+                   for e in stream.all if e.event_id == r[0])
+    finally:
+        await producer.stop()
+        await conn.close()
+        await storage.close()
 
 
 async def test_same_batch_twice_counts_once(settings: Settings) -> None:
