@@ -67,6 +67,7 @@ import paho.mqtt.client as paho  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.e2e import counters  # noqa: E402
+from bench.e2e import profile as profiling  # noqa: E402
 from cityops.registry import Sensor, load_fleet  # noqa: E402
 from cityops.settings import Settings  # noqa: E402
 from ingest import samples  # noqa: E402
@@ -320,7 +321,8 @@ def merge_expected(truths: list[Path]) -> Any:
 async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_ms: int,
                    seed: int, probes: Probes, sampler: ResourceSampler, drain_s: float,
                    workdir: Path, publishers: int = 1,
-                   settle_s: float = counters.STATS_SETTLE_S) -> dict[str, Any]:
+                   settle_s: float = counters.STATS_SETTLE_S,
+                   profile_dir: Path | None = None) -> dict[str, Any]:
     s = city.settings
     truths = [workdir / f"truth-{seed}-{i}.jsonl" for i in range(publishers)]
     conn = await asyncpg.connect(s.pg_dsn)
@@ -328,8 +330,12 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
     t_counted = time.monotonic()
     before = await counters.snapshot(conn, s.kafka_bootstrap, s.topics.all())
     probes.start()
-    stats = await asyncio.to_thread(publish_sharded, s, fleet, truths, seed=seed,
-                                    start_ms=start_ms, rate=rate, count=int(rate * seconds))
+    workers = [w.name for w in city.pipeline.workers] if profile_dir else []
+    with profiling.recording(city_pids(city), workers, max(5.0, seconds * 0.8),
+                             profile_dir or workdir, f"{rate:g}") as profiles:
+        stats = await asyncio.to_thread(publish_sharded, s, fleet, truths, seed=seed,
+                                        start_ms=start_ms, rate=rate,
+                                        count=int(rate * seconds))
     t_pub = time.monotonic()
     wall_pub = time.time()
     # The clocks start with the first message sent (spawning the generator is set-up).
@@ -403,6 +409,8 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
         "resources": (res := resources(sampler, t0, t_done)),
         "cpu": cpu_per_message(res, stats.sent, os.cpu_count() or 1, work.all_readings),
         "hot_path": counters.hot_path(before, after, work, time.monotonic() - t_counted),
+        **({"profile": {name: profiling.summary(path) for name, path in profiles.items()}}
+           if profiles else {}),
     }
 
 
@@ -667,7 +675,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                       flush=True)
                 step = await run_step(city, fleet, rate, args.step_s, cursor, 10 + i, probes,
                                       sampler, args.drain_s, workdir, args.publishers,
-                                      args.stats_settle_s)
+                                      args.stats_settle_s,
+                                      profile_dir=args.out_dir if args.profile else None)
                 cursor += int(span) + 1000
                 result["steps"].append(step)
                 print("  " + json.dumps({k: step[k] for k in (
@@ -748,6 +757,9 @@ def main() -> None:
     p.add_argument("--all-steps", action="store_true",
                    help="run every rate, not stopping at the first that falls behind")
     p.add_argument("--soak", type=float, default=0.0, help="soak seconds after the steps (0)")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy the ingest, processor and alerts workers in every step: top "
+                        "functions in the JSON, collapsed stacks beside it")
     p.add_argument("--soak-rate", type=float, default=None,
                    help="soak rate (default: half the best sustained rate)")
     p.add_argument("--kafka-retention-s", type=float, default=None,
