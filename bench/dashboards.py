@@ -469,13 +469,15 @@ async def seed(conn: asyncpg.Connection, now: datetime, *, mode: str = "postgres
     else:
         await _seed_readings_for_caggs(conn, end, days, minute_hours)
     # Latest value per sensor and metric; 3% of the sensors went silent an hour ago.
+    await conn.execute("insert into metrics (name) select distinct metric from "
+                       "seed_type_metrics on conflict (name) do nothing")
     await conn.execute("""
-insert into sensor_latest (sensor_id, metric, time, value, district, domain, type, landmark)
-select s.sensor_id, m.metric,
+insert into latest (sensor, metric, time, value)
+select s.sensor_key, mm.code,
        case when abs(hashtext(s.sensor_id)) % 33 = 0 then $1::timestamptz - interval '1 hour'
             else $1::timestamptz - random() * interval '50 seconds' end,
-       m.base * (0.85 + 0.3 * random()), s.district, s.domain, s.type, s.landmark
-from sensors s join seed_type_metrics m using (type)
+       m.base * (0.85 + 0.3 * random())
+from sensors s join seed_type_metrics m using (type) join metrics mm on mm.name = m.metric
 where s.vendor = 'benchgen'
 on conflict do nothing""", now)
     span_s = days * 86_400
@@ -523,7 +525,7 @@ on conflict do nothing""", now, list(DEADLETTER_REASONS))
     await conn.execute("analyze")
     rows = {}
     for table in ("sensors", "sensor_rollup_1h", "sensor_rollup_1m", "district_rollup_1h",
-                  "district_rollup_1m", "sensor_latest", "incidents", "alerts", "deadletters"):
+                  "district_rollup_1m", "latest", "incidents", "alerts", "deadletters"):
         rows[table] = int(await conn.fetchval(f"select count(*) from {table}"))
     return SeedStats(len(fleet), rows, time.perf_counter() - t0)
 

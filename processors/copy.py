@@ -34,25 +34,43 @@ _READINGS = _row_dtype(READINGS_FIELDS)
 _STAGE = _row_dtype([*READINGS_FIELDS, ("ord", ">i4")])
 
 
+def payload(dtype: np.dtype, columns: dict[str, npt.NDArray[np.generic]]) -> bytes:
+    """The binary COPY payload of rows whose fixed-width columns are ``columns`` (in the
+    dtype's field order; ``time`` in epoch ms, sent as PostgreSQL's microseconds since
+    2000-01-01)."""
+    n = next(iter(columns.values())).size
+    rows = np.empty(n, dtype=dtype)
+    rows["nfields"] = len(dtype.names) // 2  # type: ignore[arg-type]
+    for name in dtype.names or ():
+        if name.endswith("_len"):
+            rows[name] = dtype[name[:-4]].itemsize
+        elif name != "nfields":
+            col = columns[name]
+            rows[name] = col * 1000 - PG_EPOCH_US if name == "time" else col
+    return b"".join((_HEADER, rows.tobytes(), _TRAILER))
+
+
 def readings_payload(time_ms: npt.NDArray[np.int64], sensor: npt.NDArray[np.integer],
                      metric: npt.NDArray[np.integer], value: npt.NDArray[np.float64],
                      quality: npt.NDArray[np.integer], *, ordinal: bool = False) -> bytes:
     """The binary COPY payload of ``readings`` rows (``time, sensor, metric, value,
-    quality``), plus an ``ord`` column (the row's position) when ``ordinal``.
-
-    Times are epoch milliseconds; PostgreSQL stores microseconds since 2000-01-01.
-    """
-    dtype = _STAGE if ordinal else _READINGS
-    rows = np.empty(time_ms.size, dtype=dtype)
-    rows["nfields"] = len(dtype.names) // 2  # type: ignore[arg-type]
-    rows["time"] = time_ms * 1000 - PG_EPOCH_US
-    rows["sensor"] = sensor
-    rows["metric"] = metric
-    rows["value"] = value
-    rows["quality"] = quality
+    quality``), plus an ``ord`` column (the row's position) when ``ordinal``."""
+    cols = {"time": time_ms, "sensor": sensor, "metric": metric, "value": value,
+            "quality": quality}
     if ordinal:
-        rows["ord"] = np.arange(time_ms.size)
-    for name in dtype.names or ():
-        if name.endswith("_len"):
-            rows[name] = dtype[name[:-4]].itemsize
-    return b"".join((_HEADER, rows.tobytes(), _TRAILER))
+        cols["ord"] = np.arange(time_ms.size)
+    return payload(_STAGE if ordinal else _READINGS, cols)
+
+
+LATEST_FIELDS: list[tuple[str, str]] = [
+    ("sensor", ">i4"), ("metric", ">i2"), ("time", ">i8"), ("value", ">f8"), ("quality", ">i2")]
+_LATEST = _row_dtype(LATEST_FIELDS)
+
+
+def latest_payload(sensor: npt.NDArray[np.integer], metric: npt.NDArray[np.integer],
+                   time_ms: npt.NDArray[np.int64], value: npt.NDArray[np.float64],
+                   quality: npt.NDArray[np.integer]) -> bytes:
+    """The binary COPY payload of ``latest`` cells (``sensor, metric, time, value,
+    quality``)."""
+    return payload(_LATEST, {"sensor": sensor, "metric": metric, "time": time_ms,
+                             "value": value, "quality": quality})

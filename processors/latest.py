@@ -5,9 +5,11 @@ to be COPYed to a temp table and upserted in every batch transaction (4.4 row up
 per event, part of the ~31 row writes per event of issue 15). Here the processor keeps
 the newest reading of every (sensor, metric) it has seen in arrays, merges each
 committed batch into them vectorized (one searchsorted + one compare), and writes only
-the cells that changed since the last flush, in ONE ``insert ... select ... from
-unnest(...)`` statement, at most every ``process_latest_flush_s`` seconds and on a clean
-stop.
+the cells that changed since the last flush, as ONE binary COPY of integer-keyed cells
+(``latest``: sensor key, metric code, time, value, quality; built from the arrays, no
+Python object per cell) into a staging table and one upsert, at most every
+``process_latest_flush_s`` seconds and on a clean stop. The view ``sensor_latest`` gives
+readers the names.
 
 Correctness:
 
@@ -26,33 +28,29 @@ Correctness:
 
 from __future__ import annotations
 
+import io
 import time
-from typing import Any
 
 import asyncpg
 import numpy as np
 import numpy.typing as npt
 
-from processors.batch import METRIC_BITS, Batch, Dims, Vocabularies
+from processors.batch import METRIC_BITS, Batch, Vocabularies
+from processors.copy import LATEST_FIELDS, latest_payload
 
-_UNKNOWN = Dims("unknown", "unknown", "unknown", "unknown")
 #: Sentinel time of a cell that has no reading yet: any real reading is newer.
 _NONE = np.iinfo(np.int64).min
 
-# Times travel as epoch milliseconds and become timestamptz exactly in SQL (no datetime
-# object per cell on our side).
+_STAGE = ("create temp table if not exists stage_latest (sensor int4, metric int2, "
+          "time timestamptz, value float8, quality int2) on commit delete rows")
+_COLUMNS = [name for name, _ in LATEST_FIELDS]
+# Order-safe and idempotent: a cell only moves forward in event time.
 _FLUSH = """
-insert into sensor_latest as l (time, sensor_id, metric, value, district, domain, type,
-                                landmark, quality, updated_at)
-select timestamptz 'epoch' + u.ms * interval '1 millisecond', u.sensor_id, u.metric, u.value,
-       u.district, u.domain, u.type, u.landmark, u.quality, now()
-  from unnest($1::int8[], $2::text[], $3::text[], $4::float8[], $5::text[], $6::text[],
-              $7::text[], $8::text[], $9::int4[])
-       as u (ms, sensor_id, metric, value, district, domain, type, landmark, quality)
-on conflict (sensor_id, metric) do update
-   set time = excluded.time, value = excluded.value, district = excluded.district,
-       domain = excluded.domain, type = excluded.type, landmark = excluded.landmark,
-       quality = excluded.quality, updated_at = now()
+insert into latest as l (sensor, metric, time, value, quality, updated_at)
+select sensor, metric, time, value, quality, now() from stage_latest
+on conflict (sensor, metric) do update
+   set time = excluded.time, value = excluded.value, quality = excluded.quality,
+       updated_at = now()
  where excluded.time > l.time
 """
 
@@ -76,6 +74,7 @@ class LatestState:
         self.quality: npt.NDArray[np.int16] = np.empty(0, dtype=np.int16)
         self.dirty: npt.NDArray[np.bool_] = np.empty(0, dtype=bool)
         self.last_flush = time.monotonic()
+        self._staged: asyncpg.Connection | None = None
 
     def __len__(self) -> int:
         return int(self.keys.size)
@@ -125,23 +124,17 @@ class LatestState:
         now = time.monotonic() if now is None else now
         return bool(self.dirty.any()) and now - self.last_flush >= self.flush_s
 
-    def columns(self, vocab: Vocabularies) -> tuple[npt.NDArray[np.int64], list[list[Any]]]:
-        """The dirty cells and their rows as the nine ``unnest`` columns of ``_FLUSH``.
-
-        Cells come in key order, and a sensor's code orders it the same way in every
-        processor that saw the same sensors first; the upsert is one statement either way.
-        """
+    def cells(self, vocab: Vocabularies) -> tuple[npt.NDArray[np.int64],
+                                                  dict[str, npt.NDArray[np.generic]]]:
+        """The dirty cells and their columns (database keys, time in epoch ms, value,
+        quality), in key order. Every cell holds a committed reading, so its sensor and
+        metric have database keys (``Storage.resolve``)."""
         cells = np.flatnonzero(self.dirty)
         keys = self.keys[cells]
-        sensors = keys >> METRIC_BITS
-        dims = vocab.sensor_dims
-        texts = [dims.get(c, _UNKNOWN) for c in sensors.tolist()]
-        district, domain, type_, landmark = (list(c) for c in zip(*texts, strict=True)) \
-            if texts else ([], [], [], [])
-        return cells, [self.time_ms[cells].tolist(), vocab.sensors.lookup(sensors).tolist(),
-                       vocab.metrics.lookup(keys & ((1 << METRIC_BITS) - 1)).tolist(),
-                       self.values[cells].tolist(), district, domain, type_, landmark,
-                       self.quality[cells].astype(np.int32).tolist()]
+        return cells, {"sensor": vocab.db_sensor[keys >> METRIC_BITS],
+                       "metric": vocab.db_metric[keys & ((1 << METRIC_BITS) - 1)],
+                       "time": self.time_ms[cells], "value": self.values[cells],
+                       "quality": self.quality[cells]}
 
     async def flush(self, conn: asyncpg.Connection, vocab: Vocabularies, *,
                     force: bool = False) -> int:
@@ -149,9 +142,17 @@ class LatestState:
         cells were written. On failure the cells stay dirty: the next flush sends them."""
         if not (self.due() or (force and self.dirty.any())):
             return 0
-        cells, cols = self.columns(vocab)
+        cells, cols = self.cells(vocab)
         sent = self.time_ms[cells].copy()
-        await conn.execute(_FLUSH, *cols)
+        if self._staged is not conn:  # temp tables are per session
+            await conn.execute(_STAGE)
+            self._staged = conn
+        async with conn.transaction():
+            await conn.copy_to_table("stage_latest", columns=_COLUMNS, format="binary",
+                                     source=io.BytesIO(latest_payload(
+                                         cols["sensor"], cols["metric"], cols["time"],
+                                         cols["value"], cols["quality"])))
+            await conn.execute(_FLUSH)
         # Clean only what was sent and not replaced meanwhile by a newer reading.
         self.dirty[cells[self.time_ms[cells] == sent]] = False
         self.last_flush = time.monotonic()

@@ -175,9 +175,8 @@ with new as (insert into metrics (name) values ($1) on conflict (name) do nothin
 select code from new union all select code from metrics where name = $1
 """
 _SEED_LATEST = """
-insert into sensor_latest (sensor_id, metric, time, value, district, domain, type, landmark)
-values ($1, $2, $3, $4, $5, $6, $7, $8)
-on conflict (sensor_id, metric) do update set value = excluded.value, time = excluded.time
+insert into latest (sensor, metric, time, value) values ($1, $2, $3, $4)
+on conflict (sensor, metric) do update set value = excluded.value, time = excluded.time
 """
 
 
@@ -198,6 +197,5 @@ async def seed_readings(db: asyncpg.Connection | asyncpg.Pool, sensor: Sensor,
         for r in rows:
             if r[1] not in newest or r[0] > newest[r[1]][0]:
                 newest[r[1]] = r
-        await db.executemany(_SEED_LATEST, [
-            (sensor.sensor_id, m, t, v, sensor.district, sensor.domain, sensor.type,
-             sensor.landmark) for t, m, v in newest.values()])
+        await db.executemany(_SEED_LATEST, [(key, codes[m], t, v) for t, m, v in
+                                            newest.values()])

@@ -348,8 +348,10 @@ def test_latest_state_keeps_the_newest_by_event_time_and_marks_only_changes() ->
     rng = np.random.default_rng(1)
     for part in np.array_split(rng.permutation(len(readings)), 7):  # shuffled batches
         state.update(columns([readings[i] for i in part.tolist()], vocab, set()))
-    _, (ms, sensor, metric, value, *_) = state.columns(vocab)  # every cell is dirty
-    got = {(s, m): (t, v) for t, s, m, v in zip(ms, sensor, metric, value, strict=True)}
+    sensor = vocab.sensors.lookup(state.keys >> 16).tolist()
+    metric = vocab.metrics.lookup(state.keys & 0xFFFF).tolist()
+    got = {(s, m): (t, v) for s, m, t, v in zip(sensor, metric, state.time_ms.tolist(),
+                                                 state.values.tolist(), strict=True)}
     assert got == reference_latest(readings)
     assert state.pending == len(got) == len(state)
     assert not state.due()  # changed, but the flush period has not passed
