@@ -188,12 +188,14 @@ class Settings:
     process_batch_max: int = 5000  # Kafka messages per database transaction (at most)
     process_batch_linger_ms: int = 200  # how long a partial batch waits for more messages
     # Plain mode: rollup windows are computed once, when closed (processors/windows.py):
-    # this long after their end (readings of a window arriving later are late data,
-    # recomputed per cell), checked every process_close_every_s (an idle processor
-    # computes everything pending at that pace, open windows too).
+    # when every active events partition is this far past their end in event time
+    # (readings of a window arriving later are late data, recomputed per cell), checked
+    # every process_close_every_s. A processor without records for process_close_quiet_s
+    # computes everything pending, open windows too (a quiet city's rollups stay current).
     process_window_grace_1m_s: float = 10.0
     process_window_grace_1h_s: float = 120.0
     process_close_every_s: float = 2.0
+    process_close_quiet_s: float = 30.0
     process_maintenance_interval_s: float = 3600.0  # partitions ahead/retention, timescale jobs
     # sensor_latest is flushed from in-memory arrays at most this often (and on a clean
     # stop), not upserted per batch; a crash loses at most this much latest-state change,

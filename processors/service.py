@@ -18,11 +18,12 @@ dead letters produced by this service are at-least-once on Kafka. Latest state i
 derived and flushed after the offset commit: a crash loses at most the last
 ``process_latest_flush_s`` seconds of it, until those sensors' next readings.
 
-Plain mode: every ``process_close_every_s`` the rollup windows that have closed (their
-grace, ``process_window_grace_1m_s`` / ``_1h_s``, passed) are computed from the readings,
-and the cells late readings touched are recomputed (``processors.windows``); an idle
-processor computes everything pending, open windows too. Storage maintenance runs every
-``process_maintenance_interval_s``.
+Plain mode: every ``process_close_every_s`` the rollup windows that have closed (every
+active partition is past their end plus grace, ``process_window_grace_1m_s`` / ``_1h_s``,
+in event time) are computed from the readings, and the cells late readings touched are
+recomputed (``processors.windows``); a processor that has had no records for
+``process_close_quiet_s`` computes everything pending, open windows too. Storage
+maintenance runs every ``process_maintenance_interval_s``.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from processors.maintenance import run_maintenance
 from processors.rollup import ROLLUPS, Groups, Rollup, encode_rollup
 from processors.schema import migrate
 from processors.storage import Item, Source, Storage, StoredDeadLetter, WriteResult
-from processors.windows import Grace, WindowCloser
+from processors.windows import Grace, WindowCloser, watermark
 
 log = logging.getLogger(__name__)
 _PARTITIONER = DefaultPartitioner()
@@ -78,11 +79,13 @@ class Processor:
         self.storage = storage
         storage.latest.flush_s = settings.process_latest_flush_s
         self.closer = WindowCloser(Grace(settings.process_window_grace_1m_s,
-                                         settings.process_window_grace_1h_s))
+                                         settings.process_window_grace_1h_s),
+                                   topic=settings.topics.events)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.last_batch_at = time.monotonic()
         self._last_close = 0.0
+        self._last_records = time.monotonic()  # when a batch last had records
         self._last_maintenance = 0.0
         self.healthy = False
         self.stored_events = 0
@@ -164,19 +167,30 @@ class Processor:
         """Decode, store, publish, then commit offsets: the whole effectively-once step."""
         assert self.consumer is not None and self.producer is not None
         topics = self.settings.topics
-        event_values: list[bytes | None] = []
         letters: list[StoredDeadLetter] = []
+        parts: list[Batch] = []
+        bad: list[tuple[bytes, str]] = []
+        watermarks: dict[tuple[str, int], int] = {}
+        size = 0
         for tp, recs in records.items():
             metrics.MESSAGES.labels(tp.topic).inc(len(recs))
+            size += len(recs)
             if tp.topic == topics.deadletter:
                 letters.extend(StoredDeadLetter(r.topic, r.partition, r.offset,
                                                 _as_deadletter(r.value)) for r in recs)
-            else:
-                event_values.extend(r.value for r in recs)
-        metrics.BATCH_SIZE.observe(len(event_values) + len(letters))
-        batch, bad = self.decode(event_values)
+                continue
+            # Decoded per partition: each partition's event-time progress is recorded
+            # with the batch (processors/windows.py closes windows by it).
+            part, refused = self.decode([r.value for r in recs])
+            parts.append(part)
+            bad += refused
+            if len(part):
+                watermarks[(tp.topic, tp.partition)] = watermark(part.time_ms)
+        metrics.BATCH_SIZE.observe(size)
+        batch = concat(parts)
+        self._last_records = time.monotonic()
         try:
-            result = await self.storage.write(batch, letters)
+            result = await self.storage.write(batch, letters, watermarks)
         except Exception as exc:
             if is_away(exc):
                 raise
@@ -312,7 +326,8 @@ class Processor:
         await self.flush_latest()
         if self.storage.mode == "postgres" and now - self._last_close >= s.process_close_every_s:
             self._last_close = now
-            await self.close_windows(everything=idle)
+            quiet = idle and now - self._last_records >= s.process_close_quiet_s
+            await self.close_windows(everything=quiet)
         if now - self._last_maintenance >= s.process_maintenance_interval_s:
             self._last_maintenance = now
             try:

@@ -77,7 +77,7 @@ from processors.copy import readings_payload
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify, describe, safe_text
 from processors.latest import LatestState
 from processors.rollup import ROLLUPS, Groups, aggregate
-from processors.windows import ClosedWindows, marks, write_marks
+from processors.windows import ClosedWindows, marks, write_marks, write_watermarks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -451,9 +451,10 @@ class Storage:
                 log.warning("registry refused %s: %s", str(row)[:200], str(exc)[:200])
 
     # --- the hot path -----------------------------------------------------------------
-    async def write(self, batch: Batch, deadletters: Sequence[StoredDeadLetter] = ()
-                    ) -> WriteResult:
-        """Store one batch in one transaction.
+    async def write(self, batch: Batch, deadletters: Sequence[StoredDeadLetter] = (),
+                    watermarks: dict[tuple[str, int], int] | None = None) -> WriteResult:
+        """Store one batch in one transaction (with the event-time ``watermarks`` of its
+        partitions, plain mode: what the window closer judges time by).
 
         Contention (deadlock, serialization failure) is retried ``MAX_RETRIES`` times with
         back-off; after that, and on any other failure, the last exception is raised for
@@ -465,7 +466,7 @@ class Storage:
         backoff = Backoff(0.05, 1.0)
         for attempt in range(MAX_RETRIES):
             try:
-                result = await self._write_once(batch, deadletters)
+                result = await self._write_once(batch, deadletters, watermarks)
                 break
             except Exception as exc:
                 if classify(exc) is not Fault.CONTENTION or attempt == MAX_RETRIES - 1:
@@ -571,16 +572,18 @@ class Storage:
                 await asyncio.sleep(backoff.next())
         return None, error, MAX_RETRIES
 
-    async def _write_once(self, batch: Batch, deadletters: Sequence[StoredDeadLetter]
+    async def _write_once(self, batch: Batch, deadletters: Sequence[StoredDeadLetter],
+                          watermarks: dict[tuple[str, int], int] | None = None
                           ) -> WriteResult:
         try:
-            return await self._write_txn(batch, deadletters, fast=True)
+            return await self._write_txn(batch, deadletters, watermarks, fast=True)
         except asyncpg.UniqueViolationError:
             # Some readings were stored before (the COPY rolled back with its transaction).
-            return await self._write_txn(batch, deadletters, fast=False)
+            return await self._write_txn(batch, deadletters, watermarks, fast=False)
 
     async def _write_txn(self, batch: Batch, deadletters: Sequence[StoredDeadLetter],
-                         fast: bool) -> WriteResult:
+                         watermarks: dict[tuple[str, int], int] | None, *, fast: bool
+                         ) -> WriteResult:
         conn = self.conn
         result = WriteResult(duplicates=batch.duplicates)
         t0 = time.perf_counter()
@@ -621,6 +624,8 @@ class Storage:
                 # Every reading of the batch, duplicates included: a redelivered batch
                 # re-derives latest state it may have lost (the merge is a max by time).
                 result.latest.append(batch)
+            if self.rollup_tables and watermarks:
+                await write_watermarks(conn, watermarks)
             if batch.incidents:
                 await conn.copy_records_to_table("stage_incidents", records=[
                     (*r[:-1], json.dumps(r[-1])) for r in batch.incidents],

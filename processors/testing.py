@@ -129,7 +129,7 @@ def make_stream(tag: str, end_ms: int, *, sensors: int = 24, hours: float = 2.5,
         while t < end_ms:
             m = {name: round(rng.uniform(0, 100), 3) if name != "flow"
                  else float(rng.randrange(0, 400)) for name in METRICS_BY_DOMAIN[domain]}
-            events.append(_event(sid, district, domain, t, m))
+            events.append(reading_event(sid, district, domain, t, m))
             t += interval_s * 1000 + rng.randrange(-2000, 2000)
     for k in range(incidents):
         sid, district, domain = fleet[k % len(fleet)]
@@ -155,7 +155,7 @@ def make_stream(tag: str, end_ms: int, *, sensors: int = 24, hours: float = 2.5,
     return Stream(first, second)
 
 
-def _event(sid: str, district: str, domain: str, t: int, m: dict[str, float]) -> Event:
+def reading_event(sid: str, district: str, domain: str, t: int, m: dict[str, float]) -> Event:
     return Event(event_id=event_id(sid, t), sensor_id=sid, domain=domain,
                  type="lane_detector" if domain == "traffic" else "footfall_counter",
                  district=district, landmark="street_30_4", lat=10.03, lon=105.78,

@@ -22,21 +22,25 @@ again, a cell mark only the cell. The choice only decides the cost, which is why
 closed-window list a few seconds stale is fine.
 
 ``WindowCloser.run`` (any processor; a PostgreSQL advisory lock lets one run at a time)
-computes every pending bucket that ended more than its grace ago and was not touched
-for ``settle`` seconds, sensor and district rollups from one scan, then deletes the
+computes every pending bucket whose end plus its grace every active events partition
+has passed in event time (``rollup_watermarks``: each batch records a robust high
+percentile of its readings' times per partition, kept monotonic; a partition silent for
+``idle_s`` is not waited for; with none active, the database's clock decides) and that
+was not touched for ``settle`` seconds, sensor and district rollups from one scan, then deletes the
 mark only if nobody touched it meanwhile (compare-and-delete on ``touched_at``): a
 batch that committed readings after the recompute's snapshot leaves its mark in place,
 so the bucket is computed again. Late cells are recomputed cell by cell (the sensor's
 own readings of that window, and its district's), then their marks deleted by id.
 Every step is an idempotent recompute from the readings, and an update that changes
 nothing is skipped (``where … is distinct from``), so closing early, twice or after a
-crash is harmless: only its cost differs. That is why an idle processor closes
-everything pending at once (the current windows too): a quiet city's rollups are
-current within seconds, and a window closed early is simply computed again when it
-ends.
+crash is harmless: only its cost differs. That is why a quiet processor (no
+records for ``process_close_quiet_s``) closes everything pending at once, the current
+windows too: a quiet city's rollups are current, and a window closed early is simply
+computed again when it ends.
 
-"Ended" is judged on the database's clock (``now()``), so processors' clocks do not
-matter. Event time matters only through the windows the readings fall in.
+Event time decides, not the wall clock: a processor catching up on an hour of backlog
+closes that hour's windows as its partitions pass them, and a replay does not turn
+every reading into a late cell.
 """
 
 from __future__ import annotations
@@ -63,6 +67,17 @@ insert into rollup_pending as p (window_s, bucket, touched_at)
 select w, timestamptz 'epoch' + b * interval '1 millisecond', clock_timestamp()
   from unnest($1::int4[], $2::int8[]) as u (w, b)
 on conflict (window_s, bucket) do update set touched_at = excluded.touched_at
+"""
+_WATERMARKS = """
+insert into rollup_watermarks as w (topic, kafka_partition, event_ms, updated_at)
+select t, p, ms, now() from unnest($1::text[], $2::int4[], $3::int8[]) as u (t, p, ms)
+on conflict (topic, kafka_partition) do update
+   set event_ms = greatest(w.event_ms, excluded.event_ms), updated_at = now()
+"""
+#: Where event time stands: the slowest active partition, in epoch ms (null: none active).
+_EVENT_NOW = """
+select min(event_ms) from rollup_watermarks
+ where updated_at > now() - $1 * interval '1 second' and ($2::text is null or topic = $2)
 """
 _MARK_LATE = """
 insert into rollup_late (window_s, bucket, sensor, metric)
@@ -222,6 +237,22 @@ def marks(time_ms: npt.NDArray[np.int64], sensor: npt.NDArray[np.integer],
                  cat(ls, np.int32), cat(lm, np.int16))
 
 
+def watermark(time_ms: npt.NDArray[np.int64]) -> int:
+    """How far a batch of one partition has got in event time: the 90th percentile of its
+    readings' times, so a few sensors with clocks ahead (ingest accepts up to
+    ``ingest_future_ms``) do not close everyone's windows early."""
+    return int(np.percentile(time_ms, 90, method="lower"))
+
+
+async def write_watermarks(conn: asyncpg.Connection, marks_: dict[tuple[str, int], int]
+                           ) -> None:
+    """Record partitions' event-time progress (inside the batch's transaction)."""
+    if marks_:
+        keys = sorted(marks_)  # a fixed lock order across processors
+        await conn.execute(_WATERMARKS, [k[0] for k in keys], [k[1] for k in keys],
+                           [marks_[k] for k in keys])
+
+
 async def write_marks(conn: asyncpg.Connection, m: Marks) -> None:
     """Record a batch's marks (call inside the batch's transaction)."""
     if m.pending_window.size:
@@ -245,8 +276,11 @@ class WindowCloser:
     """Computes pending windows and late cells (see the module docstring)."""
 
     def __init__(self, grace: Grace | None = None, *, batch_buckets: int = 50,
-                 batch_cells: int = 20_000) -> None:
+                 batch_cells: int = 20_000, idle_s: float = 60.0,
+                 topic: str | None = None) -> None:
         self.grace = grace or Grace()
+        self.idle_s = idle_s
+        self.topic = topic  # the events topic whose partitions' progress counts (None: all)
         self.batch_buckets = batch_buckets
         self.batch_cells = batch_cells
 
@@ -263,9 +297,10 @@ class WindowCloser:
             done.skipped = True
             return done
         try:
+            event_now = await conn.fetchval(_EVENT_NOW, self.idle_s, self.topic)
             for name, window_s in WINDOWS_S.items():
                 done.buckets[name] = await self._close_buckets(conn, name, window_s,
-                                                                everything)
+                                                                everything, event_now)
                 done.late_cells += await self._late_cells(conn, name, window_s, everything)
         finally:
             await conn.execute("select pg_advisory_unlock($1)", LOCK_ID)
@@ -278,17 +313,19 @@ class WindowCloser:
         return done
 
     async def _close_buckets(self, conn: asyncpg.Connection, name: str, window_s: int,
-                             everything: bool) -> int:
-        # ``due``: ended more than its grace ago and settled. Only a due window is listed
-        # as closed; one computed early (``everything``) is computed again when due.
+                             everything: bool, event_now: int | None) -> int:
+        # ``due``: event time (or, with no active partition, the clock) is past its end
+        # and grace, and it settled. Only a due window is listed as closed; one computed
+        # early (``everything``) is computed again when due.
         rows = await conn.fetch(
             "select bucket, touched_at, due from (select bucket, touched_at,"
-            " bucket + $1 * interval '1 second' + $3 * interval '1 second' < now() and"
+            " bucket + $1 * interval '1 second' + $3 * interval '1 second' <"
+            "   coalesce(timestamptz 'epoch' + $6 * interval '1 millisecond', now()) and"
             " touched_at < now() - $4 * interval '1 second' as due"
             " from rollup_pending where window_s = $1) p where $2 or due"
             " order by bucket limit $5",
             window_s, everything, self.grace.of(window_s), self.grace.settle_s,
-            self.batch_buckets)
+            self.batch_buckets, event_now)
         sql = _close_bucket_sql(name)
         for bucket, touched_at, due in rows:
             async with conn.transaction():

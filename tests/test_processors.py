@@ -41,6 +41,7 @@ from processors.storage import Storage
 from processors.testing import (
     STORED_ROWS,
     make_stream,
+    reading_event,
     reference_latest,
     reference_rollups,
     row_keys,
@@ -57,6 +58,7 @@ def private(settings: Settings, tag: str, **changes: object) -> Settings:
     values: dict[str, object] = {
         "topics": topics, "process_group": f"{tag}-processors", "process_batch_max": 400,
         "process_batch_linger_ms": 30, "process_close_every_s": 0.2,
+        "process_close_quiet_s": 0.5,
         "process_metrics_port": free_port(), **changes}
     return settings.replace(**values)
 
@@ -483,6 +485,7 @@ async def test_kill_9_mid_batch_then_restart_loses_and_duplicates_nothing(
         f'state_dir = "{s.state_dir}"\nprocess_metrics_port = {s.process_metrics_port}\n'
         f'process_group = "{s.process_group}"\nprocess_batch_max = 300\n'
         f'process_batch_linger_ms = 20\nprocess_close_every_s = 0.2\n'
+        f'process_close_quiet_s = 0.5\n'
         f'storage_mode = "postgres"\n'
         f'[topics]\nevents = "{s.topics.events}"\ndeadletter = "{s.topics.deadletter}"\n'
         f'aggregates = "{s.topics.aggregates}"\nalerts = "{s.topics.alerts}"\n')
@@ -555,8 +558,9 @@ async def test_windows_close_once_when_due_and_late_data_recomputes_only_its_cel
                          dup_share=0, late_share=0.5, seed=13)
     storage = await Storage.connect(settings.pg_dsn, "postgres")
     conn = storage.conn
+    # A topic nobody writes: no partition is active, so the clock decides what has ended.
     closer = WindowCloser(Grace(minute_s=10, hour_s=120, settle_s=0),
-                          batch_buckets=10_000)
+                          batch_buckets=10_000, topic=f"{tag}.events")
     try:
         await storage.write(columns(stream.first, storage.vocab, storage.known_sensors))
         minutes = {e.event_time // 60_000 * 60_000 for e in stream.first}
@@ -610,6 +614,56 @@ async def test_windows_close_once_when_due_and_late_data_recomputes_only_its_cel
         assert (3600, current_hour) not in {(r[0], int(r[1].timestamp() * 1000)) for r in
                                             await conn.fetch("select window_s, bucket "
                                                              "from rollup_closed")}
+    finally:
+        await storage.close()
+
+
+async def test_windows_close_when_every_partition_is_past_them(settings: Settings) -> None:
+    """Event time decides: a partition still working through minutes 5-9 holds them open
+    although another partition and the clock are long past them, so its readings there
+    are not late data; they close once it passes them too."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    topic = f"{tag}.events"
+    t0 = (int(time.time() * 1000) // 3_600_000 - 3) * 3_600_000  # three hours ago
+    minute = 60_000
+
+    def readings(sid: str, start: int, end: int) -> list[Event]:
+        return [reading_event(sid, f"{tag}_d", "traffic", t, {"flow": float(t % 97)})
+                for t in range(start, end, 20_000)]
+
+    storage = await Storage.connect(settings.pg_dsn, "postgres")
+    conn = storage.conn
+    closer = WindowCloser(Grace(minute_s=10, hour_s=120, settle_s=0), batch_buckets=10_000,
+                          topic=topic)
+
+    async def closed_minutes() -> set[int]:
+        return {(int(r[0].timestamp() * 1000) - t0) // minute for r in await conn.fetch(
+            "select bucket from rollup_closed where window_s = 60 and bucket >= $1 and "
+            "bucket < $2", datetime.fromtimestamp(t0 / 1000, UTC),
+            datetime.fromtimestamp((t0 + 3_600_000) / 1000, UTC))}
+
+    try:
+        ahead = readings(f"{tag}-a", t0, t0 + 10 * minute)
+        behind = readings(f"{tag}-b", t0, t0 + 5 * minute)
+        await storage.write(columns(ahead, storage.vocab, storage.known_sensors),
+                            watermarks={(topic, 0): t0 + 10 * minute})
+        await storage.write(columns(behind, storage.vocab, storage.known_sensors),
+                            watermarks={(topic, 1): t0 + 5 * minute})
+        await closer.run(conn)
+        assert await closed_minutes() == {0, 1, 2, 3}  # minute 4 ends at 5:00 + 10 s grace
+        await storage.closed.refresh(conn)
+        rest = readings(f"{tag}-b", t0 + 5 * minute, t0 + 10 * minute)
+        await storage.write(columns(rest, storage.vocab, storage.known_sensors),
+                            watermarks={(topic, 1): t0 + 10 * minute})
+        assert not await conn.fetchval(
+            "select count(*) from rollup_late l join sensors s on s.sensor_key = l.sensor "
+            "where s.sensor_id like $1", f"{tag}-%")
+        await closer.run(conn)
+        assert await closed_minutes() == set(range(9))
+        assert_rollups_equal({"sensor_rollup_1m": {k: v for k, v in (await db_rollups(
+            conn, tag))["sensor_rollup_1m"].items() if k[0] < t0 + 9 * minute}},
+            {"sensor_rollup_1m": {k: v for k, v in reference_rollups(
+                ahead + behind + rest)["sensor_rollup_1m"].items() if k[0] < t0 + 9 * minute}})
     finally:
         await storage.close()
 

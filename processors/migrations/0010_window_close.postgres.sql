@@ -46,3 +46,17 @@ create table if not exists rollup_closed (
     closed_at timestamptz not null default now(),
     primary key (window_s, bucket)
 );
+
+-- How far each events partition has got in event time (a robust high percentile of each
+-- batch's reading times, kept monotonic), written in the batch's transaction. A window
+-- closes when every active partition is past its end plus the grace: a processor working
+-- through a backlog holds the windows of that backlog open instead of closing them under
+-- its feet (which turned its readings into late cells). A partition silent for a minute
+-- (wall clock) is not waited for.
+create table if not exists rollup_watermarks (
+    topic           text not null,
+    kafka_partition integer not null,
+    event_ms        bigint not null,
+    updated_at      timestamptz not null default now(),
+    primary key (topic, kafka_partition)
+) with (fillfactor = 50);
