@@ -4,8 +4,8 @@ Why: the bench says how much CPU each service spends per reading; a profile says
 what. ``py-spy record --nonblocking`` samples a process from outside (no pause, no code
 change) and writes collapsed stacks; ``summary`` turns them into the functions that hold
 the most samples, by self time (where the CPU is) and by inclusive time (which part of
-the pipeline it belongs to). The raw stacks are kept beside the results, for a
-flamegraph (``flamegraph.pl`` or speedscope read them).
+the pipeline it belongs to). The raw stacks are kept in ``profiles/`` beside the results
+(not in git: ~0.5 MB a run), for a flamegraph (``flamegraph.pl`` or speedscope read them).
 """
 
 from __future__ import annotations

@@ -332,7 +332,7 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
     probes.start()
     workers = [w.name for w in city.pipeline.workers] if profile_dir else []
     with profiling.recording(city_pids(city), workers, max(5.0, seconds * 0.8),
-                             profile_dir or workdir, f"{rate:g}") as profiles:
+                             (profile_dir or workdir) / "profiles", f"{rate:g}") as profiles:
         stats = await asyncio.to_thread(publish_sharded, s, fleet, truths, seed=seed,
                                         start_ms=start_ms, rate=rate,
                                         count=int(rate * seconds))
