@@ -35,6 +35,7 @@ import logging
 import time
 from typing import Any
 
+import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
@@ -84,7 +85,6 @@ class Processor:
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.last_batch_at = time.monotonic()
-        self._last_close = 0.0
         self._last_records = time.monotonic()  # when a batch last had records
         self._last_maintenance = 0.0
         self.healthy = False
@@ -123,6 +123,17 @@ class Processor:
 
     async def run(self, stop: asyncio.Event) -> None:
         assert self.consumer is not None
+        closing = (asyncio.create_task(self.close_loop(stop), name="window-closer")
+                   if self.storage.mode == "postgres" and self.storage.dsn else None)
+        try:
+            await self._consume(stop)
+        finally:
+            if closing is not None:
+                closing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await closing
+
+    async def _consume(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             records = await self.take_batch(stop)
             while True:
@@ -324,10 +335,6 @@ class Processor:
         if idle:
             await self.update_lag()
         await self.flush_latest()
-        if self.storage.mode == "postgres" and now - self._last_close >= s.process_close_every_s:
-            self._last_close = now
-            quiet = idle and now - self._last_records >= s.process_close_quiet_s
-            await self.close_windows(everything=quiet)
         if now - self._last_maintenance >= s.process_maintenance_interval_s:
             self._last_maintenance = now
             try:
@@ -339,23 +346,41 @@ class Processor:
                 log.exception("storage maintenance failed; will retry next period")
 
 
-    async def close_windows(self, *, everything: bool) -> None:
-        """Compute closed rollup windows and late cells. Like the latest-state flush, a
-        failure other than a lost database is logged and retried next period: the marks
-        stay, and derived data must not stop the readings."""
+    async def close_loop(self, stop: asyncio.Event) -> None:
+        """Compute closed rollup windows and late cells every ``process_close_every_s``,
+        beside the consume loop, on a connection of its own.
+
+        Why beside: closing a busy minute is one statement over all of its readings (a
+        second or more of the database's time at 20k readings/s), and batches must not
+        wait for it. Any failure, a lost database included, is logged and retried next
+        period on a new connection: the marks stay, and derived data must not stop the
+        readings. A processor without records for ``process_close_quiet_s`` computes the
+        open windows too.
+        """
+        s = self.settings
+        conn: asyncpg.Connection | None = None
         try:
-            done = await self.closer.run(self.storage.conn, everything=everything)
-            await self.storage.closed.refresh(self.storage.conn)
-        except Exception as exc:
-            if is_away(exc):
-                raise
-            log.warning("closing rollup windows failed (%s: %s); retried next period",
-                        type(exc).__name__, str(exc)[:300])
-            return
-        if done.seconds > 1.0:
-            log.info("rollup windows closed", extra={"fields": {
-                "buckets": done.buckets, "late_cells": done.late_cells,
-                "seconds": round(done.seconds, 2)}})
+            while not await sleep_unless(stop, s.process_close_every_s):
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(self.storage.dsn, timeout=5)
+                    quiet = time.monotonic() - self._last_records >= s.process_close_quiet_s
+                    done = await self.closer.run(conn, everything=quiet)
+                    await self.storage.closed.refresh(conn)
+                except Exception as exc:
+                    log.warning("closing rollup windows failed (%s: %s); retried next period",
+                                type(exc).__name__, str(exc)[:300])
+                    if conn is not None and is_away(exc):
+                        conn.terminate()
+                        conn = None
+                    continue
+                if done.seconds > 1.0:
+                    log.info("rollup windows closed", extra={"fields": {
+                        "buckets": done.buckets, "late_cells": done.late_cells,
+                        "seconds": round(done.seconds, 2)}})
+        finally:
+            if conn is not None:
+                conn.terminate()
 
     async def flush_latest(self) -> None:
         """Latest state to ``sensor_latest`` when its flush is due. A lost database is

@@ -46,7 +46,7 @@ from processors.testing import (
     reference_rollups,
     row_keys,
 )
-from processors.windows import Grace, WindowCloser
+from processors.windows import Closed, Grace, WindowCloser
 from tests.support import free_port, topic_partitions
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -615,6 +615,37 @@ async def test_windows_close_once_when_due_and_late_data_recomputes_only_its_cel
                                             await conn.fetch("select window_s, bucket "
                                                              "from rollup_closed")}
     finally:
+        await storage.close()
+
+
+async def test_a_long_window_close_does_not_hold_back_batches(settings: Settings) -> None:
+    """Closing a busy minute is one long statement; batches are stored meanwhile (the
+    closer runs beside the consume loop, on its own connection)."""
+    tag = f"t{uuid.uuid4().hex[:8]}"
+    s = private(settings, tag)
+    await create_topics(s)
+    stream = make_stream(tag, int(time.time() * 1000) - 60_000, sensors=4, hours=0.05,
+                         incidents=0, seed=41)
+    storage = await Storage.connect(s.pg_dsn, "postgres")
+    conn = await asyncpg.connect(s.pg_dsn)
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    async def endless_close(conn: asyncpg.Connection, *, everything: bool = False) -> Closed:
+        entered.set()
+        await gate.wait()  # a close that lasts as long as this test wants
+        return Closed()
+
+    try:
+        async with running(s, storage) as processor:
+            processor.closer.run = endless_close  # type: ignore[method-assign]
+            await asyncio.wait_for(entered.wait(), 10)
+            await produce(s, stream.all)
+            await wait_for(lambda: _eq(count_rows(conn, tag), len(stream.reading_rows())), 20,
+                           "readings stored while a close runs")
+            gate.set()
+    finally:
+        await conn.close()
         await storage.close()
 
 
