@@ -26,17 +26,20 @@ computes every pending bucket whose end plus its grace every active events parti
 has passed in event time (``rollup_watermarks``: each batch records a robust high
 percentile of its readings' times per partition, kept monotonic; a partition silent for
 ``idle_s`` is not waited for; with none active, the database's clock decides) and that
-was not touched for ``settle`` seconds, sensor and district rollups from one scan, then deletes the
-mark only if nobody touched it meanwhile (compare-and-delete on ``touched_at``): a
-batch that committed readings after the recompute's snapshot leaves its mark in place,
-so the bucket is computed again. Late cells are recomputed cell by cell (the sensor's
-own readings of that window, and its district's), then their marks deleted by id.
+was not touched for ``settle`` seconds: sensor and district rollups from one scan. Then
+it deletes the mark only if nobody touched it meanwhile (compare-and-delete on
+``touched_at``): a batch that committed readings after the recompute's snapshot leaves
+its mark in place, so the bucket is computed again. Late cells are recomputed cell by
+cell (the sensor's own readings of that window, and its district's), then their marks
+deleted by id.
 Every step is an idempotent recompute from the readings, and an update that changes
 nothing is skipped (``where … is distinct from``), so closing early, twice or after a
-crash is harmless: only its cost differs. That is why a quiet processor (no
-records for ``process_close_quiet_s``) closes everything pending at once, the current
-windows too: a quiet city's rollups are current, and a window closed early is simply
-computed again when it ends.
+crash is harmless: only its cost differs. That is why a quiet processor (no records
+for ``process_close_quiet_s``) closes everything pending at once, the current windows
+too: a quiet city's rollups are current, and a window closed early is simply computed
+again when it ends. The closer runs beside the consume loop on its own connection
+(``Processor.close_loop``): a busy minute is one long statement, and batches do not wait
+for it.
 
 Event time decides, not the wall clock: a processor catching up on an hour of backlog
 closes that hour's windows as its partitions pass them, and a replay does not turn

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -54,7 +55,10 @@ from tests.e2e_harness import (
     wait_stored,
 )
 
-RATE = 500.0  # messages per second offered
+# Messages per second offered. 500 in the suite; a heavier run of the same matrix (issue
+# 15 asks for >= 5,000 readings/s, ~1,200 msg/s of this fleet's ~4.4 readings each):
+# CITYOPS_FAULT_RATE=1200 .venv/bin/pytest tests/test_e2e_faults.py
+RATE = float(os.environ.get("CITYOPS_FAULT_RATE", "500"))
 LOAD_S = 10.0  # seconds of load per case
 FAULT_AT_S = 3.0  # the fault strikes this far into the load
 # The load fleet (7,880 sensors, ~116 msg per simulated second): 10 s at 500 msg/s is
