@@ -50,6 +50,7 @@ published, was restarted by the runtime and started over from its checkpoint).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -469,20 +470,27 @@ class AlertService:
         """Decode a poll's messages in one call; if that fails, find and dead-letter the bad
         ones and keep the good ones in order (``one`` gives a record's list of items)."""
         try:
-            return many([m.value for m in msgs])  # type: ignore[no-any-return]
+            if all(m.value is not None for m in msgs):
+                return many([m.value for m in msgs])  # type: ignore[no-any-return]
         except (msgspec.ValidationError, msgspec.DecodeError):
             pass
         good = []
         for m in msgs:
             try:
+                if m.value is None:
+                    raise msgspec.DecodeError("empty message (tombstone) on the events topic")
                 good.extend(one(m.value))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 reason = "unsupported_version" if "version" in str(exc) else "bad_json"
                 DEADLETTERS.labels(reason).inc()
+                raw = m.value or b""
+                try:  # a v2 record is binary: keep its bytes, as the processor does
+                    payload, encoding = raw.decode(), "utf-8"
+                except UnicodeDecodeError:
+                    payload, encoding = base64.b64encode(raw).decode(), "base64"
                 dl = DeadLetter(reason=reason, detail=f"alerts: {topic}@{m.partition}:"
-                                f"{m.offset}: {exc}", mqtt_topic="",
-                                payload=(m.value or b"").decode("utf-8", "replace"),
-                                received_at=int(time.time() * 1000),
+                                f"{m.offset}: {exc}", mqtt_topic="", payload=payload,
+                                payload_encoding=encoding, received_at=int(time.time() * 1000),
                                 sensor_id=_key_sensor(m.key, m.value), service="alerts")
                 for renewal in range(PRODUCER_RENEWALS + 1):
                     producer = self.producer

@@ -190,8 +190,8 @@ class Settings:
     # Plain mode: rollup windows are computed once, when closed (processors/windows.py):
     # when every active events partition is this far past their end in event time
     # (readings of a window arriving later are late data, recomputed per cell), checked
-    # every process_close_every_s. A processor without records for process_close_quiet_s
-    # computes everything pending, open windows too (a quiet city's rollups stay current).
+    # every process_close_every_s. A window nobody touched for process_close_quiet_s is
+    # computed even while open (a quiet city's rollups stay current).
     process_window_grace_1m_s: float = 10.0
     process_window_grace_1h_s: float = 120.0
     process_close_every_s: float = 2.0

@@ -98,6 +98,7 @@ from __future__ import annotations
 import array
 import dataclasses
 import hashlib
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -652,6 +653,10 @@ def _run_v2(values: list[bytes], first: int, alone: bool
     incident_record: list[int] = []
     for k, b in enumerate(batches):
         if b.incidents:
+            for inc in b.incidents:  # msgpack carries NaN/inf, which JSON (v1) cannot
+                if not all(math.isfinite(v) for v in inc.measurements.values()):
+                    raise _bad(k, f"incident {inc.event_id[:40]!r} has a value that is not "
+                                  "a finite number")
             incidents += b.incidents
             incident_record += [first + k] * len(b.incidents)
     part = _Part(

@@ -43,7 +43,10 @@ MAX_RETRIES = 5
 # connections), 57 operator intervention (shutdown, crash recovery), 58 system error (I/O),
 # 25006 read-only transaction (a standby after failover), 57014 (query canceled) is in 57.
 _AWAY_CLASSES = frozenset({"08", "53", "57", "58"})
-_AWAY_CODES = frozenset({"25006"})
+# 42703 undefined column, 42P01 undefined table, 42809 wrong object type: the schema is not
+# the one this code expects (a rolling upgrade has migrated it under an older process, or
+# the reverse). Not the record's fault: wait for the right code or schema, park nothing.
+_AWAY_CODES = frozenset({"25006", "42703", "42P01", "42809"})
 # 40001 serialization failure, 40P01 deadlock, 55P03 lock not available.
 _CONTENTION_CODES = frozenset({"40001", "40P01", "55P03"})
 

@@ -41,6 +41,17 @@ def migration_files(mode: str) -> list[tuple[int, str, Path]]:
     return out
 
 
+async def _materialize_moved_history(conn: asyncpg.Connection) -> None:
+    """After 0009 rebuilt the continuous aggregates ``with no data`` over moved readings:
+    materialize all of it once (a refresh cannot run inside the migration's transaction;
+    the policies only reach back 2 hours and 3 days)."""
+    if not await conn.fetchval("select exists (select 1 from readings)"):
+        return
+    for name in ("sensor_rollup_1m_agg", "sensor_rollup_1h_agg", "district_rollup_1m_agg",
+                 "district_rollup_1h_agg"):
+        await conn.execute("call refresh_continuous_aggregate($1, null, now())", name)
+
+
 async def migrate(dsn: str, mode: str = "auto", *, retention_days: int = 30) -> str:
     """Apply every pending migration; returns the storage mode in use."""
     conn = await asyncpg.connect(dsn)
@@ -55,15 +66,19 @@ async def migrate(dsn: str, mode: str = "auto", *, retention_days: int = 30) -> 
             mode = recorded or await detect_mode(conn, mode)
             done = {(r["version"], r["name"]) for r in
                     await conn.fetch("select version, name from schema_migrations")}
+            applied: list[str] = []
             for version, name, path in migration_files(mode):
                 if (version, name) in done:
                     continue
+                applied.append(name)
                 sql = path.read_text().replace("{{retention_days}}", str(int(retention_days)))
                 async with conn.transaction():
                     await conn.execute(sql)
                     await conn.execute(
                         "insert into schema_migrations(version, name, mode) values ($1,$2,$3)",
                         version, name, mode)
+            if mode == "timescale" and "narrow_readings" in applied:
+                await _materialize_moved_history(conn)
             return mode
         finally:
             await conn.execute("select pg_advisory_unlock($1)", LOCK_ID)

@@ -21,9 +21,9 @@ derived and flushed after the offset commit: a crash loses at most the last
 Plain mode: every ``process_close_every_s`` the rollup windows that have closed (every
 active partition is past their end plus grace, ``process_window_grace_1m_s`` / ``_1h_s``,
 in event time) are computed from the readings, and the cells late readings touched are
-recomputed (``processors.windows``); a processor that has had no records for
-``process_close_quiet_s`` computes everything pending, open windows too. Storage
-maintenance runs every ``process_maintenance_interval_s``.
+recomputed (``processors.windows``); a window nobody touched for
+``process_close_quiet_s`` is computed even while open. Storage maintenance runs every
+``process_maintenance_interval_s``.
 """
 
 from __future__ import annotations
@@ -81,11 +81,11 @@ class Processor:
         storage.latest.flush_s = settings.process_latest_flush_s
         self.closer = WindowCloser(Grace(settings.process_window_grace_1m_s,
                                          settings.process_window_grace_1h_s),
-                                   topic=settings.topics.events)
+                                   topic=settings.topics.events,
+                                   quiet_s=settings.process_close_quiet_s)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self.last_batch_at = time.monotonic()
-        self._last_records = time.monotonic()  # when a batch last had records
         self._last_maintenance = 0.0
         self.healthy = False
         self.stored_events = 0
@@ -199,7 +199,6 @@ class Processor:
                 watermarks[(tp.topic, tp.partition)] = watermark(part.time_ms)
         metrics.BATCH_SIZE.observe(size)
         batch = concat(parts)
-        self._last_records = time.monotonic()
         try:
             result = await self.storage.write(batch, letters, watermarks)
         except Exception as exc:
@@ -354,8 +353,9 @@ class Processor:
         second or more of the database's time at 20k readings/s), and batches must not
         wait for it. Any failure, a lost database included, is logged and retried next
         period on a new connection: the marks stay, and derived data must not stop the
-        readings. A processor without records for ``process_close_quiet_s`` computes the
-        open windows too.
+        readings. A window nobody touched for ``process_close_quiet_s`` is computed even
+        while open (a quiet city's current windows); judged on the window's mark, so an
+        idle replica does not recompute the open hour of a busy one.
         """
         s = self.settings
         conn: asyncpg.Connection | None = None
@@ -364,8 +364,7 @@ class Processor:
                 try:
                     if conn is None or conn.is_closed():
                         conn = await asyncpg.connect(self.storage.dsn, timeout=5)
-                    quiet = time.monotonic() - self._last_records >= s.process_close_quiet_s
-                    done = await self.closer.run(conn, everything=quiet)
+                    done = await self.closer.run(conn)
                     await self.storage.closed.refresh(conn)
                 except Exception as exc:
                     log.warning("closing rollup windows failed (%s: %s); retried next period",

@@ -406,10 +406,14 @@ class Storage:
         codes = codes[vocab.db_metric[codes] < 0]
         if codes.size:
             names = vocab.metrics.lookup(codes).tolist()
-            await self._each_or_all(_ENSURE_METRICS, [(names,)], split=lambda a: [
-                ([n],) for n in a[0]])
             code_of = dict(zip(names, codes.tolist(), strict=True))
-            for name, code in await self._lookup(_METRIC_CODES, names):
+            found = {name: code for name, code in await self._lookup(_METRIC_CODES, names)}
+            missing = [n for n in names if n not in found]
+            if missing:  # only then: ON CONFLICT still spends a smallint of the sequence
+                await self._each_or_all(_ENSURE_METRICS, [(missing,)], split=lambda a: [
+                    ([n],) for n in a[0]])
+                found.update(await self._lookup(_METRIC_CODES, missing))
+            for name, code in found.items():
                 vocab.db_metric[code_of[name]] = code
 
     async def _lookup(self, sql: str, names: list[str]) -> list[asyncpg.Record]:

@@ -34,12 +34,13 @@ cell (the sensor's own readings of that window, and its district's), then their 
 deleted by id.
 Every step is an idempotent recompute from the readings, and an update that changes
 nothing is skipped (``where … is distinct from``), so closing early, twice or after a
-crash is harmless: only its cost differs. That is why a quiet processor (no records
-for ``process_close_quiet_s``) closes everything pending at once, the current windows
-too: a quiet city's rollups are current, and a window closed early is simply computed
-again when it ends. The closer runs beside the consume loop on its own connection
-(``Processor.close_loop``): a busy minute is one long statement, and batches do not wait
-for it.
+crash is harmless: only its cost differs. That is why a window nobody touched for
+``quiet_s`` (``process_close_quiet_s``) is computed even while open: a quiet city's
+rollups are current, and a window closed early is simply computed again when it ends.
+(Judged on the window's mark, not on one processor's traffic: a replica without
+partitions must not recompute a busy city's open hour every period.) The closer runs
+beside the consume loop on its own connection (``Processor.close_loop``): a busy minute
+is one long statement, and batches do not wait for it.
 
 Event time decides, not the wall clock: a processor catching up on an hour of backlog
 closes that hour's windows as its partitions pass them, and a replay does not turn
@@ -58,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 
 from processors import metrics
+from processors.faults import is_away
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,9 @@ _WATERMARKS = """
 insert into rollup_watermarks as w (topic, kafka_partition, event_ms, updated_at)
 select t, p, ms, now() from unnest($1::text[], $2::int4[], $3::int8[]) as u (t, p, ms)
 on conflict (topic, kafka_partition) do update
-   set event_ms = greatest(w.event_ms, excluded.event_ms), updated_at = now()
+   set event_ms = greatest(w.event_ms, least(excluded.event_ms,
+                   (extract(epoch from now()) * 1000)::int8 + 10000)),
+       updated_at = now()
 """
 #: Where event time stands: the slowest active partition, in epoch ms (null: none active).
 _EVENT_NOW = """
@@ -280,9 +284,12 @@ class WindowCloser:
 
     def __init__(self, grace: Grace | None = None, *, batch_buckets: int = 50,
                  batch_cells: int = 20_000, idle_s: float = 60.0,
-                 topic: str | None = None) -> None:
+                 topic: str | None = None, quiet_s: float | None = None) -> None:
         self.grace = grace or Grace()
         self.idle_s = idle_s
+        # A window nobody touched for this long is computed even if not due (open): a
+        # quiet city's current windows. Judged on the mark, so every processor agrees.
+        self.quiet_s = quiet_s
         self.topic = topic  # the events topic whose partitions' progress counts (None: all)
         self.batch_buckets = batch_buckets
         self.batch_cells = batch_cells
@@ -325,28 +332,40 @@ class WindowCloser:
             " bucket + $1 * interval '1 second' + $3 * interval '1 second' <"
             "   coalesce(timestamptz 'epoch' + $6 * interval '1 millisecond', now()) and"
             " touched_at < now() - $4 * interval '1 second' as due"
-            " from rollup_pending where window_s = $1) p where $2 or due"
+            " from rollup_pending where window_s = $1) p"
+            " where $2 or due or touched_at < now() - $7 * interval '1 second'"
             " order by bucket limit $5",
             window_s, everything, self.grace.of(window_s), self.grace.settle_s,
-            self.batch_buckets, event_now)
+            self.batch_buckets, event_now, self.quiet_s)
         sql = _close_bucket_sql(name)
+        done = 0
         for bucket, touched_at, due in rows:
-            async with conn.transaction():
-                await conn.execute(sql, bucket, bucket + timedelta(seconds=window_s))
-                if due:
-                    await conn.execute(
-                        "insert into rollup_closed (window_s, bucket) values ($1, $2) "
-                        "on conflict (window_s, bucket) do update set closed_at = now()",
-                        window_s, bucket)
+            try:
+                async with conn.transaction():
+                    await conn.execute(sql, bucket, bucket + timedelta(seconds=window_s))
+                    if due:
+                        await conn.execute(
+                            "insert into rollup_closed (window_s, bucket) values ($1, $2) "
+                            "on conflict (window_s, bucket) do update set closed_at = now()",
+                            window_s, bucket)
+            except Exception as exc:  # one bucket must not stall the others
+                if is_away(exc):
+                    raise
+                log.warning("closing %s window %s failed (%s: %s); retried next period",
+                            name, bucket, type(exc).__name__, str(exc)[:300])
+                continue
+            done += 1
             await conn.execute("delete from rollup_pending where window_s = $1 and bucket = $2 "
                                "and touched_at = $3", window_s, bucket, touched_at)
-        return len(rows)
+        return done
 
     async def _late_cells(self, conn: asyncpg.Connection, name: str, window_s: int,
                           everything: bool) -> int:
         # Late cells wait a little (the grace's settle, and a minute for hours) so that
         # a trickle of late readings is recomputed once, not once per batch.
         wait_s = 0.0 if everything else self.grace.settle_s * (1 if window_s == 60 else 30)
+        if self.quiet_s is not None:
+            wait_s = min(wait_s, self.quiet_s)
         rows = await conn.fetch(
             "select id, bucket, sensor, metric from rollup_late where window_s = $1 and "
             "marked_at < now() - $2 * interval '1 second' order by id limit $3",

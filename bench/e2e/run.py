@@ -398,6 +398,7 @@ async def run_step(city: City, fleet: Path, rate: float, seconds: float, start_m
         "events_expected": exp.events, "events_stored": stored.events_stored,
         "lost": stored.lost, "duplicates": stored.duplicates,
         "deadletters": f"{stored.deadletters_stored}/{stored.deadletters_expected}",
+        "deadletter_reasons": stored.deadletter_reasons,
         "rows_stored": stored.rows_stored,
         "e2e_seconds": round(e2e_s, 2), "drained_after_publish_s": round(drained_after, 2),
         "e2e_msgs_per_s": round(stats.sent / e2e_s, 1) if e2e_s > 0 else None,
@@ -699,7 +700,14 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             soak_span = rate * args.soak / per_sim_s * 1000
             if soak_span > 20 * 3600 * 1000:
                 raise SystemExit("the soak spans more than 20 simulated hours: raise --scale")
-            start = max(cursor, int(time.time() * 1000 - soak_span - 60_000) // 1000 * 1000)
+            # The simulated clock runs faster than the wall clock (rate / messages per
+            # simulated second): the soak must END by now, or its readings run ahead of the
+            # clock and ingest rightly refuses them (in_future). After steps, it must also
+            # begin after their stretch.
+            start = int(time.time() * 1000 - soak_span - 60_000) // 1000 * 1000
+            if result["steps"] and start < cursor:
+                raise SystemExit("the soak's simulated stretch would overlap the steps': run "
+                                 "it alone (--rates '') or raise --scale")
             result["soak"] = await soak(city, fleet, rate, args.soak, start, probes, workdir,
                                         args.publishers)
             print("  RSS slope, second half (MiB/min): "

@@ -32,6 +32,13 @@ begin
                   and column_name = 'event_id') then
         insert into metrics (name) select distinct metric from readings order by 1
             on conflict (name) do nothing;
+        -- A sensor that reported but is not in the registry keeps its rows (and its text).
+        insert into sensors (sensor_id, domain, type, vendor, district, landmark, lat, lon,
+                             interval_s)
+        select distinct on (sensor_id) sensor_id, domain, type, 'unknown', district, landmark,
+               0, 0, 0
+          from readings order by sensor_id
+        on conflict (sensor_id) do nothing;
         create temp table readings_moving on commit drop as
             select r.time, s.sensor_key as sensor, m.code as metric, r.value,
                    r.quality::smallint as quality
@@ -60,12 +67,23 @@ create index if not exists readings_time_brin on readings using brin (time)
     with (pages_per_range = 32, autosummarize = on);
 
 do $partman$
+declare
+    -- Moved rows get daily partitions of their own (back to the retention period; older
+    -- ones are not moved): in the default partition retention would never drop them.
+    keep_from timestamptz := now() - interval '{{retention_days}} days';
+    first_day timestamptz := now() - interval '3 days';
+    moved_min timestamptz;
+    day date;
 begin
+    if to_regclass('pg_temp.readings_moving') is not null then
+        execute 'select min(time) from readings_moving' into moved_min;
+        first_day := least(first_day, greatest(coalesce(moved_min, first_day), keep_from));
+    end if;
     if exists (select 1 from pg_extension where extname = 'pg_partman') then
         perform partman.create_parent(
             p_parent_table := 'public.readings', p_control := 'time', p_type := 'native',
             p_interval := 'daily', p_premake := 3, p_jobmon := false,
-            p_start_partition := to_char(now() - interval '3 days', 'YYYY-MM-DD'))
+            p_start_partition := to_char(first_day, 'YYYY-MM-DD'))
         where not exists (select 1 from partman.part_config
                            where parent_table = 'public.readings');
         update partman.part_config
@@ -73,10 +91,20 @@ begin
                retention_keep_index = false, infinite_time_partitions = true
          where parent_table = 'public.readings';
     else
+        -- The names processors/maintenance.py keeps (readings_pYYYY_MM_DD).
+        for day in select generate_series(first_day::date, (now() + interval '3 days')::date,
+                                          interval '1 day')::date loop
+            if to_regclass('readings_p' || to_char(day, 'YYYY_MM_DD')) is null then
+                execute format('create table %I partition of readings for values from (%L) '
+                               'to (%L)', 'readings_p' || to_char(day, 'YYYY_MM_DD'),
+                               day::timestamptz, (day + 1)::timestamptz);
+            end if;
+        end loop;
         create table if not exists readings_default partition of readings default;
     end if;
     if to_regclass('pg_temp.readings_moving') is not null then
-        insert into readings select * from readings_moving on conflict do nothing;
+        insert into readings select * from readings_moving where time >= keep_from
+            on conflict do nothing;
     end if;
 end
 $partman$;

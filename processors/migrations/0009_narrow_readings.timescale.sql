@@ -21,6 +21,13 @@ begin
                   and column_name = 'event_id') then
         insert into metrics (name) select distinct metric from readings order by 1
             on conflict (name) do nothing;
+        -- A sensor that reported but is not in the registry keeps its rows (and its text).
+        insert into sensors (sensor_id, domain, type, vendor, district, landmark, lat, lon,
+                             interval_s)
+        select distinct on (sensor_id) sensor_id, domain, type, 'unknown', district, landmark,
+               0, 0, 0
+          from readings order by sensor_id
+        on conflict (sensor_id) do nothing;
         create temp table readings_moving on commit drop as
             select r.time, s.sensor_key as sensor, m.code as metric, r.value,
                    r.quality::smallint as quality

@@ -28,14 +28,20 @@ create table if not exists rollup_late (
 );
 
 -- Buckets the old way had queued for an exact p95 recompute are closed once more, the new way.
-insert into rollup_pending (window_s, bucket)
-select distinct 60, date_bin('1 minute', bucket, timestamptz 'epoch') from rollup_repair
- where rollup like '%_1m'
-union
-select distinct 3600, date_bin('1 hour', bucket, timestamptz 'epoch') from rollup_repair
- where rollup like '%_1h'
-on conflict do nothing;
-drop table if exists rollup_repair;
+do $repair$
+begin
+    if to_regclass('rollup_repair') is not null then
+        insert into rollup_pending (window_s, bucket)
+        select distinct 60, date_bin('1 minute', bucket, timestamptz 'epoch') from rollup_repair
+         where rollup like '%_1m'
+        union
+        select distinct 3600, date_bin('1 hour', bucket, timestamptz 'epoch') from rollup_repair
+         where rollup like '%_1h'
+        on conflict do nothing;
+        drop table rollup_repair;
+    end if;
+end
+$repair$;
 
 -- Windows computed after their grace: a later reading of one of them is late data, and
 -- marks only its cell. (A window computed early, by an idle processor, is not listed:

@@ -24,6 +24,12 @@ begin
                   and table_type = 'BASE TABLE') then
         insert into metrics (name) select distinct metric from sensor_latest order by 1
             on conflict (name) do nothing;
+        insert into sensors (sensor_id, domain, type, vendor, district, landmark, lat, lon,
+                             interval_s)
+        select distinct on (sensor_id) sensor_id, domain, type, 'unknown', district, landmark,
+               0, 0, 0
+          from sensor_latest order by sensor_id
+        on conflict (sensor_id) do nothing;
         insert into latest (sensor, metric, time, value, quality, updated_at)
         select s.sensor_key, m.code, l.time, l.value, l.quality::smallint, l.updated_at
           from sensor_latest l join sensors s using (sensor_id) join metrics m on m.name = l.metric
