@@ -26,7 +26,7 @@ from ingest.contract import (
     decode_event,
     decode_events,
     event_id,
-    is_v1,
+    version_runs,
 )
 
 #: The place of a sensor the registry does not list (a v2 record names it anyway: a
@@ -41,18 +41,12 @@ def decode_values(values: list[bytes], places: Mapping[str, Place]) -> list[Even
     ``decode_events``: the caller then decodes record by record (``decode_value``).
     """
     out: list[Event] = []
-    i, n = 0, len(values)
-    while i < n:
-        v1 = is_v1(values[i])
-        j = i + 1
-        while j < n and is_v1(values[j]) == v1:
-            j += 1
+    for i, j, v1 in version_runs(values):
         run = values[i:j]
         if v1:
             out += decode_events(run) if len(run) > 1 else [decode_event(run[0])]
         else:
             out += events_of(decode_batches(run), places)
-        i = j
     return out
 
 
@@ -73,11 +67,10 @@ def events_of(cols: Columns, places: Mapping[str, Place]) -> list[Event]:
     reading = Kind.READING.value
     rows: list[tuple[int, Event]] = []
     at = 0
-    for r, (s, t, rt, iv, q, rec, c) in enumerate(zip(
+    for s, t, rt, iv, q, rec, c in zip(
             cols.row_sensor.tolist(), cols.row_time.tolist(), cols.row_receive_time.tolist(),
             cols.row_interval_s.tolist(), cols.row_quality.tolist(), cols.row_record.tolist(),
-            counts, strict=True)):
-        del r
+            counts, strict=True):
         sid = sensor_ids[s]
         p = places.get(sid, _NOWHERE)
         rows.append((rec, Event(

@@ -100,7 +100,7 @@ import dataclasses
 import hashlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntFlag, StrEnum
 from itertools import chain
@@ -365,6 +365,14 @@ def _buffer(typecode: str, values: list[Any]) -> bytes:
     return a.tobytes()
 
 
+def incident_of(ev: Event) -> Incident:
+    """A v1 ``incident`` event as the ``Incident`` a v2 batch carries (no dimension text)."""
+    return Incident(sensor_id=ev.sensor_id, event_id=ev.event_id, event_time=ev.event_time,
+                    receive_time=ev.receive_time, incident=ev.incident or "unknown",
+                    interval_s=ev.interval_s, measurements=ev.measurements,
+                    quality=ev.quality, vendor=ev.vendor)
+
+
 def batch_of(events: Sequence[Event]) -> EventBatch:
     """The v2 batch of ``events`` (v1 structs, as ingest's normalizer builds them), in order.
 
@@ -389,11 +397,7 @@ def batch_of(events: Sequence[Event]) -> EventBatch:
     incidents: list[Incident] = []
     for ev in events:
         if ev.kind == _INCIDENT:
-            incidents.append(Incident(
-                sensor_id=ev.sensor_id, event_id=ev.event_id, event_time=ev.event_time,
-                receive_time=ev.receive_time, incident=ev.incident or "unknown",
-                interval_s=ev.interval_s, measurements=ev.measurements, quality=ev.quality,
-                vendor=ev.vendor))
+            incidents.append(incident_of(ev))
             continue
         s = sensor_at.get(ev.sensor_id)
         if s is None:
@@ -535,11 +539,7 @@ def _run_v1(values: list[bytes], first: int, alone: bool
     v: list[float] = []
     for k, ev in enumerate(events):
         if ev.kind == _INCIDENT:
-            incidents.append(Incident(
-                sensor_id=ev.sensor_id, event_id=ev.event_id, event_time=ev.event_time,
-                receive_time=ev.receive_time, incident=ev.incident or "unknown",
-                interval_s=ev.interval_s, measurements=ev.measurements, quality=ev.quality,
-                vendor=ev.vendor))
+            incidents.append(incident_of(ev))
             incident_record.append(first + k)
             continue
         s = sensor_at.get(ev.sensor_id)
@@ -686,6 +686,19 @@ def is_v1(value: bytes) -> bool:
     return not value or value[0] in _JSON_FIRST
 
 
+def version_runs(values: Sequence[bytes | None]) -> Iterator[tuple[int, int, bool]]:
+    """``(start, end, is v1)`` of each run of consecutive records of one contract version:
+    a reader decodes each run in one call and keeps the stream's order."""
+    i, n = 0, len(values)
+    while i < n:
+        v1 = is_v1(values[i] or b"")
+        j = i + 1
+        while j < n and is_v1(values[j] or b"") == v1:
+            j += 1
+        yield i, j, v1
+        i = j
+
+
 def decode_batches(values: list[bytes]) -> Columns:
     """Decode many events-topic values, v1 events and v2 batches mixed, into columns.
 
@@ -703,17 +716,11 @@ def decode_batches(values: list[bytes]) -> Columns:
     parts: list[_Part] = []
     incidents: list[Incident] = []
     incident_record: list[int] = []
-    i, n = 0, len(values)
-    while i < n:
-        v1 = is_v1(values[i])
-        j = i + 1
-        while j < n and is_v1(values[j]) == v1:
-            j += 1
-        part, inc, inc_rec = (_run_v1 if v1 else _run_v2)(values[i:j], i, n == 1)
+    for i, j, v1 in version_runs(values):
+        part, inc, inc_rec = (_run_v1 if v1 else _run_v2)(values[i:j], i, len(values) == 1)
         parts.append(part)
         incidents += inc
         incident_record += inc_rec
-        i = j
     # Codes of this result: C-level dict building over each record's name lists.
     all_sensors = list(chain.from_iterable(p.sensor_names for p in parts))
     all_vendors = list(chain.from_iterable(p.vendor_names for p in parts))
