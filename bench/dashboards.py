@@ -472,13 +472,18 @@ async def seed(conn: asyncpg.Connection, now: datetime, *, mode: str = "postgres
     await conn.execute("insert into metrics (name) select distinct metric from "
                        "seed_type_metrics on conflict (name) do nothing")
     await conn.execute("""
-insert into latest (sensor, metric, time, value)
-select s.sensor_key, mm.code,
-       case when abs(hashtext(s.sensor_id)) % 33 = 0 then $1::timestamptz - interval '1 hour'
-            else $1::timestamptz - random() * interval '50 seconds' end,
-       m.base * (0.85 + 0.3 * random())
-from sensors s join seed_type_metrics m using (type) join metrics mm on mm.name = m.metric
-where s.vendor = 'benchgen'
+insert into latest_by_sensor (sensor, time, cells)
+select sensor, max(t), jsonb_object_agg(code::text, jsonb_build_array(
+           (extract(epoch from t) * 1000)::bigint, v, 0))
+from (select s.sensor_key as sensor, mm.code,
+             case when abs(hashtext(s.sensor_id)) % 33 = 0
+                  then $1::timestamptz - interval '1 hour'
+                  else $1::timestamptz - random() * interval '50 seconds' end as t,
+             m.base * (0.85 + 0.3 * random()) as v
+        from sensors s join seed_type_metrics m using (type)
+        join metrics mm on mm.name = m.metric
+       where s.vendor = 'benchgen') cell
+group by sensor
 on conflict do nothing""", now)
     span_s = days * 86_400
     # Sensors numbered 0..n-1 so generated rows can pick one with a hash join.
@@ -525,7 +530,7 @@ on conflict do nothing""", now, list(DEADLETTER_REASONS))
     await conn.execute("analyze")
     rows = {}
     for table in ("sensors", "sensor_rollup_1h", "sensor_rollup_1m", "district_rollup_1h",
-                  "district_rollup_1m", "latest", "incidents", "alerts", "deadletters"):
+                  "district_rollup_1m", "latest_by_sensor", "incidents", "alerts", "deadletters"):
         rows[table] = int(await conn.fetchval(f"select count(*) from {table}"))
     return SeedStats(len(fleet), rows, time.perf_counter() - t0)
 

@@ -51,7 +51,7 @@ from tests.support import isolated_settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sink.json"
 METRICS = ("flow", "speed_kmh", "occupancy", "count_car")
-TRUNCATE = ("truncate readings, latest, sensor_rollup_1m, sensor_rollup_1h, "
+TRUNCATE = ("truncate readings, latest_by_sensor, sensor_rollup_1m, sensor_rollup_1h, "
             "district_rollup_1m, district_rollup_1h, rollup_pending, rollup_late, rollup_closed")
 
 
@@ -156,7 +156,7 @@ async def bench(dsn: str, n_events: int, batch: int, rounds: int) -> dict:
                   f"{breakdowns[-1]}")
         rollup_rows = {t: await conn.fetchval(f"select count(*) from {t}") for t in (
             "sensor_rollup_1m", "sensor_rollup_1h", "district_rollup_1m", "district_rollup_1h",
-            "latest")}
+            "latest_by_sensor")}
     finally:
         await storage.close()
         await no_tables.close()

@@ -60,17 +60,3 @@ def readings_payload(time_ms: npt.NDArray[np.int64], sensor: npt.NDArray[np.inte
     if ordinal:
         cols["ord"] = np.arange(time_ms.size)
     return payload(_STAGE if ordinal else _READINGS, cols)
-
-
-LATEST_FIELDS: list[tuple[str, str]] = [
-    ("sensor", ">i4"), ("metric", ">i2"), ("time", ">i8"), ("value", ">f8"), ("quality", ">i2")]
-_LATEST = _row_dtype(LATEST_FIELDS)
-
-
-def latest_payload(sensor: npt.NDArray[np.integer], metric: npt.NDArray[np.integer],
-                   time_ms: npt.NDArray[np.int64], value: npt.NDArray[np.float64],
-                   quality: npt.NDArray[np.integer]) -> bytes:
-    """The binary COPY payload of ``latest`` cells (``sensor, metric, time, value,
-    quality``)."""
-    return payload(_LATEST, {"sensor": sensor, "metric": metric, "time": time_ms,
-                             "value": value, "quality": quality})

@@ -1,22 +1,30 @@
-"""Latest state per (sensor, metric), kept in arrays and flushed every few seconds.
+"""Latest state, kept in arrays per (sensor, metric) and flushed as one row per sensor.
 
 Why: ``sensor_latest`` is derived data that dashboards read at human speed, yet it used
-to be COPYed to a temp table and upserted in every batch transaction (4.4 row updates
-per event, part of the ~31 row writes per event of issue 15). Here the processor keeps
+to be upserted in every batch transaction, one row per reading. Here the processor keeps
 the newest reading of every (sensor, metric) it has seen in arrays, merges each
 committed batch into them vectorized (one searchsorted + one compare), and writes only
-the cells that changed since the last flush, as ONE binary COPY of integer-keyed cells
-(``latest``: sensor key, metric code, time, value, quality; built from the arrays, no
-Python object per cell) into a staging table and one upsert, at most every
-``process_latest_flush_s`` seconds and on a clean stop. The view ``sensor_latest`` gives
-readers the names.
+the cells that changed since the last flush, at most every ``process_latest_flush_s``
+seconds and on a clean stop.
+
+A flush writes ONE row per changed sensor (``latest_by_sensor``, migration 0012): its
+changed cells as ``{"<metric code>": [time ms, value, quality]}``, COPYed into a staging
+table and merged by one upsert. City sensors report every 30-60 s, so nearly every flush
+finds each cell of a reporting sensor changed once: keyed by (sensor, metric) that was
+one row write per reading; keyed by sensor it is one per message. The view
+``sensor_latest`` gives readers the per-metric rows and the names.
+
+Trade-off: the JSON text of a flush is built in Python, one short string per changed
+cell, joined per sensor (PostgreSQL's binary jsonb is JSON text too). That is per flush,
+not per reading: a cell that changed ten times between flushes is written once.
 
 Correctness:
 
 * Out of order never regresses: a batch's newest reading per key wins only if its event
-  time is newer than the cell's (in memory), and the flush keeps the SQL guard
-  ``where excluded.time > l.time`` (against another processor or an older process's
-  rows), so a flush is idempotent and flushes may land in any order.
+  time is newer than the cell's (in memory), and the database merge (``latest_merge``)
+  replaces a cell only by a newer one and keeps the cells a flush does not carry
+  (another processor's, or ones this process has not seen since it started), so a
+  flush is idempotent and flushes may land in any order.
 * Only committed readings enter the arrays (``Storage`` merges them after the readings
   transaction commits), so a rolled-back or parked record never shows up as latest.
 * Trade-off: the arrays are not part of the readings transaction. A crash (not a clean
@@ -28,7 +36,7 @@ Correctness:
 
 from __future__ import annotations
 
-import io
+import math
 import time
 
 import asyncpg
@@ -36,23 +44,40 @@ import numpy as np
 import numpy.typing as npt
 
 from processors.batch import METRIC_BITS, Batch, Vocabularies
-from processors.copy import LATEST_FIELDS, latest_payload
 
 #: Sentinel time of a cell that has no reading yet: any real reading is newer.
 _NONE = np.iinfo(np.int64).min
 
-_STAGE = ("create temp table if not exists stage_latest (sensor int4, metric int2, "
-          "time timestamptz, value float8, quality int2) on commit delete rows")
-_COLUMNS = [name for name, _ in LATEST_FIELDS]
-# Order-safe and idempotent: a cell only moves forward in event time.
+_STAGE = ("create temp table if not exists stage_latest (sensor int4, time_ms int8, "
+          "cells jsonb) on commit delete rows")
+_COLUMNS = ["sensor", "time_ms", "cells"]
+# Order-safe and idempotent: a cell only moves forward in event time (latest_merge).
 _FLUSH = """
-insert into latest as l (sensor, metric, time, value, quality, updated_at)
-select sensor, metric, time, value, quality, now() from stage_latest
-on conflict (sensor, metric) do update
-   set time = excluded.time, value = excluded.value, quality = excluded.quality,
-       updated_at = now()
- where excluded.time > l.time
+insert into latest_by_sensor as l (sensor, time, cells, updated_at)
+select sensor, to_timestamp(time_ms / 1000.0), cells, now() from stage_latest
+on conflict (sensor) do update
+   set cells = latest_merge(l.cells, excluded.cells),
+       time = greatest(l.time, excluded.time), updated_at = now()
 """
+
+
+def sensor_rows(sensor: npt.NDArray[np.integer], metric: npt.NDArray[np.integer],
+                time_ms: npt.NDArray[np.int64], value: npt.NDArray[np.float64],
+                quality: npt.NDArray[np.integer]) -> list[tuple[int, int, str]]:
+    """Cells grouped by sensor (cells of one sensor must be adjacent) as staging rows
+    ``(sensor, newest time ms, cells JSON)``. A value JSON cannot hold (not finite) is
+    written as null: the cell still says when the sensor last reported it."""
+    if sensor.size == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, sensor[1:] != sensor[:-1]])
+    ends = np.r_[starts[1:], sensor.size]
+    newest = np.maximum.reduceat(time_ms, starts)
+    parts = [f'"{m}":[{t},{v!r},{q}]' if math.isfinite(v) else f'"{m}":[{t},null,{q}]'
+             for m, t, v, q in zip(metric.tolist(), time_ms.tolist(), value.tolist(),
+                                   quality.tolist(), strict=True)]
+    return [(s, t, "{" + ",".join(parts[a:b]) + "}")
+            for s, t, a, b in zip(sensor[starts].tolist(), newest.tolist(), starts.tolist(),
+                                  ends.tolist(), strict=True)]
 
 
 class LatestState:
@@ -138,20 +163,21 @@ class LatestState:
 
     async def flush(self, conn: asyncpg.Connection, vocab: Vocabularies, *,
                     force: bool = False) -> int:
-        """Write the changed cells in one statement if due (or ``force``); returns how many
-        cells were written. On failure the cells stay dirty: the next flush sends them."""
+        """Write the changed cells, one row per sensor, in one statement if due (or
+        ``force``); returns how many cells were written. On failure the cells stay dirty: the next
+        flush sends them."""
         if not (self.due() or (force and self.dirty.any())):
             return 0
         cells, cols = self.cells(vocab)
         sent = self.time_ms[cells].copy()
+        # keys sort by this process's sensor index, so a sensor's cells are adjacent
+        rows = sensor_rows(cols["sensor"], cols["metric"], cols["time"], cols["value"],
+                           cols["quality"])
         if self._staged is not conn:  # temp tables are per session
             await conn.execute(_STAGE)
             self._staged = conn
         async with conn.transaction():
-            await conn.copy_to_table("stage_latest", columns=_COLUMNS, format="binary",
-                                     source=io.BytesIO(latest_payload(
-                                         cols["sensor"], cols["metric"], cols["time"],
-                                         cols["value"], cols["quality"])))
+            await conn.copy_records_to_table("stage_latest", columns=_COLUMNS, records=rows)
             await conn.execute(_FLUSH)
         # Clean only what was sent and not replaced meanwhile by a newer reading.
         self.dirty[cells[self.time_ms[cells] == sent]] = False

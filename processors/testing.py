@@ -174,10 +174,7 @@ with new as (insert into metrics (name) values ($1) on conflict (name) do nothin
              returning code)
 select code from new union all select code from metrics where name = $1
 """
-_SEED_LATEST = """
-insert into latest (sensor, metric, time, value) values ($1, $2, $3, $4)
-on conflict (sensor, metric) do update set value = excluded.value, time = excluded.time
-"""
+_SEED_LATEST = "select latest_put($1, $2, $3, $4)"
 
 
 async def seed_readings(db: asyncpg.Connection | asyncpg.Pool, sensor: Sensor,

@@ -341,8 +341,11 @@ async def test_offline_sensors_are_counted_from_latest_readings(db: asyncpg.Conn
         " and abs(hashtext(sensor_id)) % 33 = 0")
     # The panel compares with the database's now(); the seed is as old as this module's
     # import (minutes, on a loaded CI run), so bring the live sensors up to now first.
-    await db.execute("update latest l set time = now() - interval '5 seconds' from sensors s"
-                     " where s.sensor_key = l.sensor and abs(hashtext(s.sensor_id)) % 33 <> 0")
+    await db.execute(
+        "update latest_by_sensor l set time = now() - interval '5 seconds', cells = ("
+        " select jsonb_object_agg(c.key, jsonb_set(c.value, '{0}', to_jsonb((extract(epoch"
+        " from now() - interval '5 seconds') * 1000)::bigint))) from jsonb_each(l.cells) c)"
+        " from sensors s where s.sensor_key = l.sensor and abs(hashtext(s.sensor_id)) % 33 <> 0")
     start, end = _range(panel, "default")
     got = await db.fetchval(QueryContext(start, end, seeded.values).expand_sql(panel.sql))
     assert expected > 0 and got == expected

@@ -398,6 +398,21 @@ async def test_latest_flush_is_periodic_one_statement_and_never_regresses(
         storage.latest.dirty[:] = True
         await storage.flush_latest(force=True)
         assert await db_latest(conn, tag) == want
+        # One row per sensor, however many metrics it reports.
+        assert await conn.fetchval(
+            "select count(*) from latest_by_sensor l join sensors s on s.sensor_key = l.sensor"
+            " where s.sensor_id like $1", f"{tag}%") == len({k[0] for k in want})
+        # A flush carrying one newer metric of a sensor replaces that cell only: the
+        # sensor's other metrics stay as they were.
+        newest = max((e for e in stream.all if len(e.measurements) > 1),
+                     key=lambda e: e.event_time)
+        metric, value = next(iter(newest.measurements.items()))
+        one = msgspec.structs.replace(newest, event_id="y" * 32, measurements={metric: value + 1},
+                                      event_time=newest.event_time + 5)
+        await other.write(columns([one], other.vocab, other.known_sensors))
+        assert await other.flush_latest(force=True) == 1
+        assert await db_latest(conn, tag) == {**want, (one.sensor_id, metric): (
+            one.event_time, value + 1)}
     finally:
         await storage.close()
         await other.close()
