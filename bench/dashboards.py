@@ -373,22 +373,34 @@ _VALUE = ("m.base * greatest(0.05, 1 + m.amp * sin(2 * pi() * "
 async def _seed_rollup_tables(conn: asyncpg.Connection, end: datetime, days: int,
                               minute_hours: int) -> None:
     # Up to the current (partial) hour and the last whole minute, as a live processor has.
-    for res, step, span, per, last in (
-            ("1h", "1 hour", f"{days} days", 60, "date_trunc('hour', $1::timestamptz)"),
-            ("1m", "1 minute", f"{minute_hours} hours", 1,
-             "$1::timestamptz - interval '1 minute'")):
-        # Inserted in time order, as the processor writes them (the BRIN index relies on it).
-        await conn.execute(f"""
-insert into sensor_rollup_{res} (bucket, sensor_id, metric, n, sum, min, max, mean, p95)
-select b, s.sensor_id, m.metric, {per}, v * {per}, v * 0.7, v * 1.3, v, v * 1.2
+    # The per-sensor minutes are a view over readings (migration 0013): seed one reading
+    # per sensor, metric and minute, which is what that view then reads.
+    await conn.execute("insert into metrics (name) select distinct metric from "
+                       "seed_type_metrics on conflict (name) do nothing")
+    await conn.execute(f"""
+insert into readings (time, sensor, metric, value, quality)
+select b, s.sensor_key, mm.code, {_VALUE}, 0
+from generate_series(date_trunc('hour', $1::timestamptz - interval '{minute_hours} hours'),
+                     $1::timestamptz - interval '1 minute', interval '1 minute') b
+cross join sensors s
+join seed_type_metrics m using (type)
+join metrics mm on mm.name = m.metric
+where s.vendor = 'benchgen'
+order by b
+on conflict do nothing""", end)
+    # Inserted in time order, as the processor writes them (the BRIN index relies on it).
+    await conn.execute(f"""
+insert into sensor_rollup_1h (bucket, sensor_id, metric, n, sum, min, max, mean, p95)
+select b, s.sensor_id, m.metric, 60, v * 60, v * 0.7, v * 1.3, v, v * 1.2
 from sensors s
 join seed_type_metrics m using (type)
-cross join generate_series(date_trunc('hour', $1::timestamptz - interval '{span}'),
-                           {last}, interval '{step}') b
+cross join generate_series(date_trunc('hour', $1::timestamptz - interval '{days} days'),
+                           date_trunc('hour', $1::timestamptz), interval '1 hour') b
 cross join lateral (select {_VALUE} as v) x
 where s.vendor = 'benchgen'
 order by b
 on conflict do nothing""", end)
+    for res in ("1h", "1m"):
         await conn.execute(f"""
 insert into district_rollup_{res} (bucket, district, domain, metric, n, sum, min, max, mean, p95)
 select r.bucket, s.district, s.domain, r.metric, sum(r.n), sum(r.sum), min(r.min), max(r.max),

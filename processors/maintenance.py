@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from processors.rollup import ROLLUPS
+from processors.windows import ROLLUP_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ async def run_maintenance(conn: asyncpg.Connection, mode: str, retention_days: i
                     "(install postgresql-15-partman for the supported path)")
         done += await _fallback_partitions(conn, retention_days, now or datetime.now(UTC))
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
-    for name in (*ROLLUPS, "rollup_closed"):  # and the list of windows closed long ago
+    for name in (*ROLLUP_TABLES, "rollup_closed"):  # and the list of windows closed long ago
         status = await conn.execute(f"delete from {name} where bucket < $1", cutoff)
         if status != "DELETE 0":
             done.append(f"{name}: {status}")

@@ -102,8 +102,34 @@ where (r.n, r.sum, r.min, r.max, r.p95)
 """
 
 
+#: Windows whose per-sensor rollup is a stored table. The minute one is a view over the
+#: readings (migration 0013): a sensor reporting every 30-60 s has about one reading per
+#: minute, so storing it cost about one row write per reading.
+SENSOR_TABLES: frozenset[str] = frozenset({"1h"})
+#: The rollup tables of plain PostgreSQL mode (what the closer writes, retention prunes).
+ROLLUP_TABLES: tuple[str, ...] = (*(f"sensor_rollup_{w}" for w in WINDOWS_S
+                                    if w in SENSOR_TABLES),
+                                  *(f"district_rollup_{w}" for w in WINDOWS_S))
+
+
+def _district_insert(window: str, source: str) -> str:
+    return f"""
+insert into district_rollup_{window} as r (bucket, district, domain, metric, n, sum, min,
+                                          max, mean, p95)
+{source}
+on conflict (district, domain, metric, bucket) {_SET}
+"""
+
+
 def _close_bucket_sql(window: str) -> str:
-    """Sensor and district rollups of one whole bucket ($1 = start, $2 = end)."""
+    """Sensor (where stored) and district rollups of one whole bucket ($1 = start,
+    $2 = end)."""
+    if window not in SENSOR_TABLES:
+        return _district_insert(window, f"""
+select $1, s.district, s.domain, m.name, {_STATS}
+  from readings r join sensors s on s.sensor_key = r.sensor join metrics m on m.code = r.metric
+ where r.time >= $1 and r.time < $2
+ group by s.district, s.domain, m.name""")
     return f"""
 with a as (
     select r.sensor, s.district, s.domain, r.metric, grouping(r.sensor) as g, {_STATS}
@@ -118,24 +144,18 @@ with a as (
      where a.g = 0
     on conflict (sensor_id, metric, bucket) {_SET}
     returning 1
-)
-insert into district_rollup_{window} as r (bucket, district, domain, metric, n, sum, min,
-                                          max, mean, p95)
+)""" + _district_insert(window, """
 select $1, a.district, a.domain, m.name, a.n, a.sum, a.min, a.max, a.mean, a.p95
   from a join metrics m on m.code = a.metric
- where a.g = 1
-on conflict (district, domain, metric, bucket) {_SET}
-"""
+ where a.g = 1""")
 
 
 def _late_cells_sql(window: str, width_s: int) -> str:
-    """Sensor and district rollups of some cells ($1 buckets, $2 sensors, $3 metrics)."""
+    """Sensor (where stored) and district rollups of some cells ($1 buckets, $2 sensors,
+    $3 metrics)."""
     width = f"interval '{width_s} seconds'"
-    return f"""
-with c as (
-    select distinct bucket, sensor, metric
-      from unnest($1::timestamptz[], $2::int4[], $3::int2[]) as c (bucket, sensor, metric)
-), sensor_rows as (
+    sensor_rows = f"""
+, sensor_rows as (
     insert into sensor_rollup_{window} as r (bucket, sensor_id, metric, n, sum, min, max,
                                             mean, p95)
     select c.bucket, s.sensor_id, m.name, a.n, a.sum, a.min, a.max, a.mean, a.p95
@@ -147,12 +167,15 @@ with c as (
      where a.n > 0
     on conflict (sensor_id, metric, bucket) {_SET}
     returning 1
-), d as (
+)""" if window in SENSOR_TABLES else ""
+    return f"""
+with c as (
+    select distinct bucket, sensor, metric
+      from unnest($1::timestamptz[], $2::int4[], $3::int2[]) as c (bucket, sensor, metric)
+){sensor_rows}, d as (
     select distinct c.bucket, s.district, s.domain, c.metric
       from c join sensors s on s.sensor_key = c.sensor
-)
-insert into district_rollup_{window} as r (bucket, district, domain, metric, n, sum, min,
-                                          max, mean, p95)
+)""" + _district_insert(window, f"""
 select d.bucket, d.district, d.domain, m.name, a.n, a.sum, a.min, a.max, a.mean, a.p95
   from d
   cross join lateral (select {_STATS} from readings x join sensors y on y.sensor_key = x.sensor
@@ -160,9 +183,7 @@ select d.bucket, d.district, d.domain, m.name, a.n, a.sum, a.min, a.max, a.mean,
                          and x.metric = d.metric
                          and x.time >= d.bucket and x.time < d.bucket + {width}) a
   join metrics m on m.code = d.metric
- where a.n > 0
-on conflict (district, domain, metric, bucket) {_SET}
-"""
+ where a.n > 0""")
 
 
 @dataclass(frozen=True, slots=True)
