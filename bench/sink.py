@@ -51,8 +51,8 @@ from tests.support import isolated_settings
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sink.json"
 METRICS = ("flow", "speed_kmh", "occupancy", "count_car")
-TRUNCATE = ("truncate readings, latest_by_sensor, sensor_rollup_1m, sensor_rollup_1h, "
-            "district_rollup_1m, district_rollup_1h, rollup_pending, rollup_late, rollup_closed")
+TRUNCATE = ("truncate readings, latest_by_sensor, sensor_rollup_1h, district_rollup_1m, "
+            "district_rollup_1h, rollup_pending, rollup_late, rollup_closed")
 
 
 def make_events(n: int, sensors: int = 2000) -> list[Event]:
