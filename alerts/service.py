@@ -252,7 +252,8 @@ class AlertService:
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
             # Static membership: a killed worker rejoins at once (see static_member_id).
             group_instance_id=static_member_id("alerts", s.alerts_metrics_port),
-            enable_auto_commit=False, auto_offset_reset="latest", max_poll_records=5000)
+            enable_auto_commit=False, auto_offset_reset="latest", max_poll_records=5000,
+            fetch_min_bytes=s.kafka_fetch_min_bytes, fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.producer.start()
         try:
             await self.consumer.start()

@@ -100,7 +100,8 @@ class Processor:
             group_id=s.process_group, group_instance_id=instance_id(s),
             enable_auto_commit=False,
             auto_offset_reset="earliest", max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=32 * 1024 * 1024)
+            fetch_max_bytes=32 * 1024 * 1024, fetch_min_bytes=s.kafka_fetch_min_bytes,
+            fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap, acks="all", linger_ms=5,
             max_batch_size=1024 * 1024, compression_type=s.kafka_codec)
