@@ -66,9 +66,10 @@ from aiokafka.structs import OffsetAndMetadata
 
 from alerts.decode import decode_value, decode_values
 from alerts.engine import Engine
-from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED
+from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED, SCOPED_INPUTS
 from alerts.model import AlertChange, Signal, encode_change
 from alerts.ruleset import RulesFile
+from alerts.scope import Ownership, ScopeInput, decode_input, encode_input
 from alerts.store import AlertStore, create_pool
 from cityops.kafka import require_topics
 from cityops.registry import Fleet, load_fleet
@@ -99,6 +100,15 @@ PRODUCER_RENEWALS = 3
 DB_AWAY = CONNECTION_LOST
 
 
+def route_keys(fleet: Fleet | None, settings: Settings) -> dict[str, str]:
+    """Each registry sensor's events-topic key as ingest produces it: with contract v2 a
+    sensor behind a gateway travels in its gateway's records (keyed by the gateway, so on
+    the gateway's partition), else a record is keyed by its sensor (``ingest.kafka``)."""
+    if fleet is None or settings.ingest_contract_version < 2:
+        return {}
+    return {s.sensor_id: s.gateway for s in fleet if s.gateway}
+
+
 class _Stopped(Exception):
     """``stop`` was set while waiting for the database to come back."""
 
@@ -108,11 +118,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if revoked:
-            await self.service.checkpoint(force=True)
+        await self.service.on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.service.seek_to_checkpoint(assigned)
+        await self.service.on_assigned(assigned)
 
 
 class AlertService:
@@ -150,6 +159,11 @@ class AlertService:
         # False while a polled batch is evaluated but its signals are not in the database:
         # the engine state then runs ahead of the alerts, so it must not be checkpointed.
         self._clean = True
+        # Held by the loop from a poll's records to its checkpoint, and by the rebalance
+        # callbacks: aiokafka runs those in its own task, so without it a partition could
+        # be revoked (and its state checkpointed and dropped) in the middle of a batch.
+        self._batch_lock = asyncio.Lock()
+        self.ownership: Ownership | None = None
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self.settings
@@ -237,16 +251,15 @@ class AlertService:
             self.store = store = AlertStore(pool, update_every_s=self.update_every_s)
             self.engine = Engine(rules, self.fleet,
                                  lateness_ms=int(s.alerts_window_lateness_s * 1000))
-            restored = self.engine.restore(await self._db(store.load_state))
-            restored += self.engine.restore_blobs(await self._db(store.load_blobs))
-            self.engine.clock.restore(await self._db(partial(
-                store.load_watermarks, self.group, s.topics.events)), int(time.time() * 1000))
+            # State is loaded per partition as partitions are assigned (on_assigned).
+            self.ownership = Ownership(self.engine.index, route_keys(self.fleet, s))
+            self.engine.own(self.ownership, s.topics.events, s.topics.alerts_scoped)
             await self._db(store.load_windows)
         except _Stopped:
             if self.store is not None:
                 self.store.pool.terminate()
             return
-        await require_topics(s, [s.topics.events, s.topics.alerts])
+        await require_topics(s, [s.topics.events, s.topics.alerts, s.topics.alerts_scoped])
         self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
@@ -256,9 +269,10 @@ class AlertService:
         await self.producer.start()
         try:
             await self.consumer.start()
-            self.consumer.subscribe([s.topics.events], listener=_Rebalance(self))
+            self.consumer.subscribe([s.topics.events, s.topics.alerts_scoped],
+                                    listener=_Rebalance(self))
             log.info("alerts service started", extra={"fields": {
-                "rules": len(rules.rules), "restored_keys": restored, "group": self.group}})
+                "rules": len(rules.rules), "group": self.group}})
             await self._loop(stop)
         finally:
             if self._clean and self.db_ok:
@@ -279,8 +293,7 @@ class AlertService:
                      "checkpointed, so it is read again from Kafka after a restart")
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        assert self.consumer and self.engine and self.store
-        store, db = self.store, self._db
+        assert self.consumer
         last_tick = 0.0
         while not stop.is_set():
             # Wait for records until the next tick is due: the broker holds an empty fetch
@@ -288,51 +301,72 @@ class AlertService:
             # costs a few requests a second and no latency.
             wait_ms = max(1, int((last_tick + self.tick_s - time.time()) * 1000))
             data = await self.consumer.getmany(timeout_ms=wait_ms, max_records=5000)
-            if data:
-                self.assigned = True
-            self._clean = False
-            events: list[Event] = []
-            parts: list[np.ndarray] = []
-            wall = int(time.time() * 1000)
-            for tp, msgs in data.items():
-                self.records_polled += len(msgs)
-                got = await self._decode(tp.topic, msgs)
-                if got:
-                    events.extend(got)
-                    parts.append(np.full(len(got), tp.partition, np.int32))
-                    self.engine.clock.observe(tp.partition, max(e.event_time for e in got),
-                                              wall)
-                self.offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
-                self._position[tp.partition] = msgs[-1].offset + 1
-            self.engine.clock.advance(wall, self._caught_up())
-            if events:
-                EVENTS.labels("events").inc(len(events))
-                BATCH_SIZE.observe(len(events))
-            signals = await self._evaluate(events, np.concatenate(parts) if parts else None,
-                                           data)
-            now = time.time()
-            ticked = now - last_tick >= self.tick_s
-            if ticked:
-                last_tick = now
-                self.assigned = self.assigned or bool(self.consumer.assignment())
-                await self._reload_rules()
-                signals += self.engine.tick(int(now * 1000))
-            # From here on every database step is retried as is until it succeeds (_db).
-            changes = await self._apply(signals)
-            if self.engine.has_correlations() and (changes or ticked):
-                active = await db(partial(store.active, self.engine.correlated_rules()))
-                corr = self.engine.correlate(active, int(now * 1000))
-                changes += await self._apply(corr)
-            if ticked:
-                changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
-                                            self._escalation_overrides()))
-                if now - self._last_windows >= 5.0:
-                    self._last_windows = now
-                    await db(store.load_windows)
-                    await db(store.count_active)
-            await self.publish(changes)
-            self._clean = True
-            await self.checkpoint()
+            async with self._batch_lock:
+                last_tick = await self._batch(data, last_tick)
+
+    async def _batch(self, data: dict[TopicPartition, list[Any]], last_tick: float) -> float:
+        """One poll's records, start to end (under ``_batch_lock``); returns the time of
+        the last tick."""
+        assert self.consumer and self.engine and self.store and self.ownership
+        store, db, topics, own = self.store, self._db, self.settings.topics, self.ownership
+        # records of partitions revoked while the poll was answered belong to their new owner
+        data = {tp: m for tp, m in data.items() if tp.partition in
+                (own.events if tp.topic == topics.events else own.scope)}
+        if data:
+            self.assigned = True
+        self._clean = False
+        events: list[Event] = []
+        parts: list[np.ndarray] = []
+        inputs: list[ScopeInput] = []
+        wall = int(time.time() * 1000)
+        for tp, msgs in data.items():
+            self.records_polled += len(msgs)
+            self.offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
+            if tp.topic == topics.alerts_scoped:
+                inputs += self._decode_inputs(msgs)
+                continue
+            got = await self._decode(tp.topic, msgs)
+            if got:
+                events.extend(got)
+                parts.append(np.full(len(got), tp.partition, np.int32))
+                self.engine.clock.observe(tp.partition, max(e.event_time for e in got), wall)
+            self._position[tp.partition] = msgs[-1].offset + 1
+        self.engine.clock.advance(wall, self._caught_up())
+        if events:
+            EVENTS.labels("events").inc(len(events))
+            BATCH_SIZE.observe(len(events))
+        signals = await self._evaluate(events, np.concatenate(parts) if parts else None,
+                                       data)
+        if inputs:
+            SCOPED_INPUTS.labels("consumed").inc(len(inputs))
+            signals += await self._evaluate_scoped(inputs, data)
+        # Before anything is checkpointed: a crash from here on replays the events, which
+        # publish the same inputs again (the scoped rules drop an event id seen before).
+        await self._publish_inputs(self.engine.take_outbox())
+        now = time.time()
+        ticked = now - last_tick >= self.tick_s
+        if ticked:
+            last_tick = now
+            self.assigned = self.assigned or bool(self.consumer.assignment())
+            await self._reload_rules()
+            signals += self.engine.tick(int(now * 1000))
+        # From here on every database step is retried as is until it succeeds (_db).
+        changes = await self._apply(signals)
+        if self.engine.has_correlations() and (changes or ticked):
+            active = await db(partial(store.active, self.engine.correlated_rules()))
+            corr = self.engine.correlate(active, int(now * 1000))
+            changes += await self._apply(corr)
+        if ticked:
+            changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
+                                        self._escalation_overrides()))
+            if now - self._last_windows >= 5.0:
+                self._last_windows = now
+                await db(store.load_windows)
+                await db(store.count_active)
+        await self.publish(changes)
+        self._clean = True
+        await self.checkpoint()
+        return last_tick
 
     def _caught_up(self) -> dict[int, bool]:
         """Events partitions read to their end (position == high watermark, as the last
@@ -366,6 +400,32 @@ class AlertService:
         except Exception as exc:
             return await self._isolate_evaluation(data, topics.events, exc, self._decode_one,
                                                   engine.evaluate)
+
+    def _decode_inputs(self, msgs: list[Any]) -> list[ScopeInput]:
+        """Scope-topic records (written by alerts workers only); one that does not decode
+        is logged and skipped, never a reason to stop."""
+        out = []
+        for m in msgs:
+            try:
+                out.append(decode_input(m.value or b""))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                DEADLETTERS.labels("bad_scoped_input").inc()
+                log.error("scope input skipped: %s", exc, extra={"fields": {
+                    "topic": self.settings.topics.alerts_scoped, "partition": m.partition,
+                    "offset": m.offset}})
+        return out
+
+    async def _evaluate_scoped(self, inputs: list[ScopeInput],
+                               data: dict[TopicPartition, list[Any]]) -> list[Signal]:
+        """The scoped rules over the inputs of a poll; a record that makes them raise is
+        parked and skipped, as for events (``_evaluate``)."""
+        assert self.engine
+        try:
+            return self.engine.on_scoped(inputs)
+        except Exception as exc:
+            return await self._isolate_evaluation(
+                data, self.settings.topics.alerts_scoped, exc,
+                lambda v: [decode_input(v)], self.engine.on_scoped)
 
     async def _isolate_evaluation(self, data: dict[TopicPartition, list[Any]], topic: str,
                                   cause: BaseException, one: Callable[[bytes], list[Any]],
@@ -518,8 +578,23 @@ class AlertService:
         """
         if not changes:
             return
-        topic = self.settings.topics.alerts
-        pending = [(encode_change(c), str(c.alert.alert_id).encode()) for c in changes]
+        await self._send_all(self.settings.topics.alerts,
+                             [(encode_change(c), str(c.alert.alert_id).encode())
+                              for c in changes])
+
+    async def _publish_inputs(self, inputs: list[ScopeInput]) -> None:
+        """The inputs of rules spanning sensors onto the scope topic, keyed by scope, all
+        acknowledged before the loop goes on (and so before the offsets of the events they
+        came from can be checkpointed)."""
+        if not inputs:
+            return
+        await self._send_all(self.settings.topics.alerts_scoped,
+                             [(encode_input(i), i.key.encode()) for i in inputs])
+        SCOPED_INPUTS.labels("published").inc(len(inputs))
+
+    async def _send_all(self, topic: str, pending: list[tuple[bytes, bytes]]) -> None:
+        """Send (value, key)s and wait for every acknowledgement, renewing a producer that
+        died of a ``PRODUCER_FATAL`` error and sending again what it did not deliver."""
         for renewal in range(PRODUCER_RENEWALS + 1):
             producer = self.producer
             assert producer is not None
@@ -602,6 +677,60 @@ class AlertService:
         if commit:  # Kafka's copy is for lag monitoring; PostgreSQL's copy is authoritative
             with contextlib.suppress(Exception):
                 await self.consumer.commit(commit)
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Partitions leave: checkpoint everything (their state as of their last record),
+        then forget what belonged to them, so nothing stale is judged or written again:
+        their next owner loads it from this checkpoint (``on_assigned``)."""
+        if not revoked or self.engine is None or self.ownership is None:
+            return
+        async with self._batch_lock:
+            await self.checkpoint(force=True)
+            events, scope = self._split(revoked)
+            own = self.ownership
+            self.engine.drop(events, scope)
+            own.events -= events
+            own.scope -= scope
+            for tp in revoked:
+                self.offsets.pop((tp.topic, tp.partition), None)
+                if tp.topic == self.settings.topics.events:
+                    self._position.pop(tp.partition, None)
+            log.info("partitions revoked", extra={"fields": {
+                "events": sorted(events), "scoped": sorted(scope)}})
+
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Partitions arrive: load their state as their previous owner checkpointed it
+        (per-sensor state with the events partition of its sensor, scope state with its
+        scope partition), their watermarks, and seek to the offsets stored with it."""
+        assert self.consumer and self.store and self.engine and self.ownership
+        async with self._batch_lock:
+            s, own, store, engine = self.settings, self.ownership, self.store, self.engine
+            own.set_counts(len(self.consumer.partitions_for_topic(s.topics.events) or ()),
+                           len(self.consumer.partitions_for_topic(s.topics.alerts_scoped)
+                               or ()))
+            events, scope = self._split(assigned)
+            own.events |= events
+            own.scope |= scope
+            engine.assigned(events)
+            parts = [(tp.topic, tp.partition) for tp in assigned]
+            restored = engine.restore(await self._db(partial(store.load_state, parts)),
+                                      events, scope)
+            if events:
+                restored += engine.restore_blobs(
+                    await self._db(partial(store.load_blobs, sorted(events))), events)
+                marks = await self._db(partial(store.load_watermarks, self.group,
+                                               s.topics.events))
+                engine.clock.restore({p: w for p, w in marks.items() if p in events},
+                                     int(time.time() * 1000))
+            await self.seek_to_checkpoint(assigned)
+            log.info("partitions assigned", extra={"fields": {
+                "events": sorted(events), "scoped": sorted(scope), "restored": restored}})
+
+    def _split(self, tps: list[TopicPartition]) -> tuple[set[int], set[int]]:
+        """(events partitions, scope partitions) of ``tps``."""
+        t = self.settings.topics
+        return ({tp.partition for tp in tps if tp.topic == t.events},
+                {tp.partition for tp in tps if tp.topic == t.alerts_scoped})
 
     async def seek_to_checkpoint(self, assigned: list[TopicPartition]) -> None:
         assert self.store and self.consumer
