@@ -1,9 +1,20 @@
 """``cityops alerts``: events from Kafka through the rule engine into alerts.
 
-One consumer loop per process, in a consumer group on the events topic. It is keyed by
-sensor id, so one sensor's events live in one partition and reach one consumer in order,
-so per-sensor rule state never sees two concurrent messages, and a duplicate alert
-cannot come from a race (the database's one-active-alert index is the backstop).
+One consumer loop per process; N processes share the rules in one consumer group over
+two topics (``alerts.scope``). The events topic is keyed so that one sensor's events live
+in one partition and reach one worker in order: per-sensor rules run on the owner of
+that partition, never on two workers at once. Rules whose state spans sensors (count per
+landmark or district) get their inputs on the internal scope topic
+(``topics.alerts_scoped``), keyed by the scope, and run on the owner of that partition;
+correlation runs on every worker, each raising only the landmarks of its scope
+partitions. A duplicate alert cannot come from a race (the database's one-active-alert
+index is the backstop).
+
+Rebalance: on revocation the worker checkpoints, then drops the state of the revoked
+partitions; on assignment it loads the state of the assigned ones as their previous owner
+checkpointed it, their watermarks, and seeks to the offsets stored with it. Both take
+``_batch_lock``, which the loop holds from a poll's records to its checkpoint, so a
+partition never leaves in the middle of a batch.
 
 The rules that read time windows (``input: rollup_1m``) get them from the engine, which
 computes them from the same events (``alerts.windows``): the worker does not read the
@@ -18,9 +29,12 @@ clock (absence, escalation, rule file reload, maintenance windows) and checkpoin
 the background: the loop does not wait for it).
 
 Exactly-once rule state: the checkpoint writes the evaluators' changed state and the
-offsets it reflects in ONE PostgreSQL transaction, and on partition assignment the
-consumer seeks to the offsets stored there. Alert writes are idempotent (one active
-alert per key), so the events replayed after a crash only re-confirm what is there.
+offsets it reflects (events and scope topics) in ONE PostgreSQL transaction, and on
+partition assignment the consumer seeks to the offsets stored there. Alert writes are
+idempotent (one active alert per key), so the events replayed after a crash only
+re-confirm what is there. Scope inputs are acknowledged by Kafka before the offsets of
+the events they came from can be checkpointed; a replay publishes them again, and the
+scoped rules drop an event id they have counted (within their window).
 
 Database outages are ridden out in-process, like the processor does: every database
 step of the loop goes through ``_db``, which on a lost database (``Fault.AWAY`` of
