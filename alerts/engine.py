@@ -292,6 +292,9 @@ class Engine:
             codes = arrays.load_bytes(blob, self._keep(partition, events_parts))
             if partition >= 0:
                 self.clock.settle(codes, partition)
+            elif self.ownership is not None:  # rewritten as partitioned bases next time
+                arrays.full_parts |= self.ownership.events if events_parts is None \
+                    else events_parts
             n += 1
         return n
 

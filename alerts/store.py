@@ -479,20 +479,22 @@ class AlertStore:
                          ) -> list[tuple[str, str, int, bytes]]:
         """(rule id, hash, partition, blob): each (rule, partition)'s base, then the deltas
         written since, in the order written, for the given events partitions (None: all).
-        A rule with no partitioned blob yet gets its pre-partitioning blobs, as partition
-        -1 (the engine keeps the sensors it owns)."""
+        A rule with no partitioned base there yet gets its pre-partitioning blobs first, as
+        partition -1 (the engine keeps the sensors of those partitions and writes them as
+        partitioned bases at its next checkpoint)."""
         where, args = ("", []) if partitions is None else \
             (" where partition = any($1::int[])", [list(partitions)])
-        rows = await self.pool.fetch("select rule_id, rule_hash, partition, blob from "
-                                     "alert_rule_part_blobs" + where, *args)
-        rows += await self.pool.fetch("select rule_id, rule_hash, partition, blob from "
-                                      "alert_rule_part_blob_deltas" + where + " order by seq",
-                                      *args)
+        # older than any partitioned row of the same rule and partition: applied first
         legacy = ("select rule_id, rule_hash, -1 as partition, blob from {} l where not "
                   "exists (select 1 from alert_rule_part_blobs b where b.rule_id = l.rule_id"
                   + (" and b.partition = any($1::int[])" if args else "") + ")")
-        rows += await self.pool.fetch(legacy.format("alert_rule_blobs"), *args)
+        rows = await self.pool.fetch(legacy.format("alert_rule_blobs"), *args)
         rows += await self.pool.fetch(legacy.format("alert_rule_blob_deltas") + " order by seq",
+                                      *args)
+        rows += await self.pool.fetch("select rule_id, rule_hash, partition, blob from "
+                                      "alert_rule_part_blobs" + where, *args)
+        rows += await self.pool.fetch("select rule_id, rule_hash, partition, blob from "
+                                      "alert_rule_part_blob_deltas" + where + " order by seq",
                                       *args)
         return [(r["rule_id"], r["rule_hash"], r["partition"], bytes(r["blob"])) for r in rows]
 
