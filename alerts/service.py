@@ -68,6 +68,7 @@ import base64
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -84,7 +85,7 @@ from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED, SCOPED_INPUT
 from alerts.model import AlertChange, Signal, encode_change
 from alerts.ruleset import RulesFile
 from alerts.scope import Ownership, ScopeInput, decode_input, encode_input
-from alerts.store import AlertStore, create_pool
+from alerts.store import AlertStore, Fenced, create_pool
 from cityops.kafka import require_topics
 from cityops.registry import Fleet, load_fleet
 from cityops.service import static_member_id
@@ -178,6 +179,7 @@ class AlertService:
         # be revoked (and its state checkpointed and dropped) in the middle of a batch.
         self._batch_lock = asyncio.Lock()
         self.ownership: Ownership | None = None
+        self._claim = ""  # this worker's claim on its partitions (AlertStore.claim)
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self.settings
@@ -663,7 +665,11 @@ class AlertService:
         self.offsets.clear()
         topic = self.settings.topics.events
         marks = {(topic, p): w for p, w in self.engine.clock.snapshot().items()}
-        write = self._write_checkpoint(rows, blobs, offsets, marks)
+        own = self.ownership
+        held = [] if own is None else \
+            [(topic, p) for p in sorted(own.events)] + \
+            [(self.settings.topics.alerts_scoped, p) for p in sorted(own.scope)]
+        write = self._write_checkpoint(rows, blobs, offsets, marks, (self._claim, held))
         if force:
             await write
         else:
@@ -671,12 +677,15 @@ class AlertService:
 
     async def _write_checkpoint(self, rows: list, blobs: list,  # type: ignore[type-arg]
                                 offsets: dict[tuple[str, int], int],
-                                marks: dict[tuple[str, int], int]) -> None:
+                                marks: dict[tuple[str, int], int],
+                                owner: tuple[str, list[tuple[str, int]]]) -> None:
         assert self.store and self.consumer and self.engine
         try:
-            await self.store.checkpoint(self.group, rows, offsets, blobs, marks)
+            await self.store.checkpoint(self.group, rows, offsets, blobs, marks, owner)
         except Exception as exc:
-            if classify(exc) is Fault.AWAY:
+            if isinstance(exc, Fenced):  # our revocation is on its way: it drops all this
+                log.warning("checkpoint refused: %s", exc)
+            elif classify(exc) is Fault.AWAY:
                 log.warning("checkpoint not written, database away (%s); everything goes "
                             "into the next one", type(exc).__name__)
             else:
@@ -727,6 +736,11 @@ class AlertService:
             own.scope |= scope
             engine.assigned(events)
             parts = [(tp.topic, tp.partition) for tp in assigned]
+            # claimed before loading: a previous owner's late checkpoint is refused from now
+            # on, or (if it is being written) lands first and is what we load
+            claim = uuid.uuid4().hex
+            await self._db(partial(store.claim, self.group, claim, parts))
+            self._claim = claim
             restored = engine.restore(await self._db(partial(store.load_state, parts)),
                                       events, scope)
             if events:

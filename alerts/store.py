@@ -111,6 +111,10 @@ def _runs(signals: list[Signal]) -> Iterator[list[Signal]]:
         yield run
 
 
+class Fenced(Exception):
+    """A checkpoint refused: another worker owns some of the partitions it covers now."""
+
+
 class AlertStore:
     # ``_last_update`` is pruned once it holds this many keys (then at twice what survived)
     FORGET_AT = 1024
@@ -397,11 +401,23 @@ class AlertStore:
                                         window_id)) == "DELETE 1"
 
     # --- checkpoints --------------------------------------------------------------------------
+    async def claim(self, group: str, owner: str, parts: Sequence[tuple[str, int]]) -> None:
+        """Make ``owner`` the holder of these (topic, partition)s of ``group``: from now on
+        a checkpoint of any previous holder that covers them is refused (``Fenced``)."""
+        if parts:
+            await self.pool.execute(
+                "insert into alert_partition_owners (grp, topic, partition, owner) "
+                "select $1, u.t, u.p, $4 from unnest($2::text[], $3::int[]) as u(t, p) "
+                "on conflict (grp, topic, partition) do update set owner = excluded.owner, "
+                "claimed_at = now()", group, [t for t, _ in parts], [p for _, p in parts],
+                owner)
+
     async def checkpoint(self, group: str,
                          state: Iterable[tuple[Any, ...]],
                          offsets: dict[tuple[str, int], int],
                          blobs: Iterable[tuple[str, str, int, bytes, bool]] = (),
-                         watermarks: dict[tuple[str, int], int] | None = None) -> None:
+                         watermarks: dict[tuple[str, int], int] | None = None,
+                         owner: tuple[str, Sequence[tuple[str, int]]] | None = None) -> None:
         """Rule state and the offsets it reflects, atomically: a restart resumes exactly here.
 
         ``state`` rows are (rule id, hash, key, state or None, topic, partition): the
@@ -409,10 +425,23 @@ class AlertStore:
         hash, events partition, blob, is_full): a full one replaces the base of that
         (rule, partition) and drops its deltas, the others are appended (``alerts.slots``);
         other partitions' rows, another worker's, are not touched. ``watermarks`` go on
-        the offset rows of their partitions (``alerts.watermark``).
+        the offset rows of their partitions (``alerts.watermark``). ``owner``: (this
+        worker's claim, the partitions it holds): nothing is written unless every one of
+        them is still claimed by it (``claim``; the rows are share-locked, so a claim by
+        the next owner waits for this transaction and then loads what it wrote).
         """
         rows = [r if len(r) == 6 else (*r, "", -1) for r in state]
         async with self.pool.acquire() as conn, conn.transaction():
+            if owner is not None and owner[1]:
+                token, held = owner
+                mine = len(await conn.fetch(
+                    "select o.partition from alert_partition_owners o join unnest($2::text[], "
+                    "$3::int[]) as h(topic, partition) using (topic, partition) "
+                    "where o.grp = $1 and o.owner = $4 for share of o", group,
+                    [t for t, _ in held], [p for _, p in held], token))
+                if mine != len(held):
+                    raise Fenced(f"{len(held) - mine} of the {len(held)} partitions this "
+                                 "worker holds were claimed by another worker")
             dead = [(r[0], r[2]) for r in rows if r[3] is None]
             live = [r for r in rows if r[3] is not None]
             if dead:

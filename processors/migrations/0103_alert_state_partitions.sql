@@ -24,3 +24,16 @@ create table if not exists alert_rule_part_blob_deltas (
     written_at  timestamptz not null default now(),
     primary key (rule_id, partition, seq)
 );
+
+-- Who owns each partition of an alerts group right now: a worker claims its partitions on
+-- assignment (before it loads their state), and a checkpoint writes only if every partition
+-- it holds is still claimed by it. A worker that lost its partitions without hearing of it
+-- (stuck past the rebalance timeout) therefore cannot overwrite its successor's state.
+create table if not exists alert_partition_owners (
+    grp         text not null,
+    topic       text not null,
+    partition   integer not null,
+    owner       text not null,
+    claimed_at  timestamptz not null default now(),
+    primary key (grp, topic, partition)
+);
