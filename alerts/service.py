@@ -110,6 +110,10 @@ T = TypeVar("T")
 # every producer, which a process restart (the runtime's job) is no better at.
 PRODUCER_RENEWALS = 3
 
+# How far back a scope partition never read by the group is read from (_seek_back): more
+# than a new group's workers take to all get their assignment.
+SCOPE_LOOKBACK_MS = 60_000
+
 # The database is away (restart, failover, network): the connection is gone, not the work.
 # Kept for the modules and tests that import it; the decision is ``processors.faults``.
 DB_AWAY = CONNECTION_LOST
@@ -770,7 +774,19 @@ class AlertService:
                 if tp.topic == self.settings.topics.events:
                     self._position[tp.partition] = off
             else:  # first time this group owns it: pin where we start, so a restart resumes
+                if tp.topic == self.settings.topics.alerts_scoped:
+                    await self._seek_back(tp)
                 pos = self.offsets[(tp.topic, tp.partition)] = await self.consumer.position(tp)
                 if tp.topic == self.settings.topics.events:
                     self._position[tp.partition] = pos
         self.assigned = True
+
+    async def _seek_back(self, tp: TopicPartition) -> None:
+        """A scope partition this group never read starts ``SCOPE_LOOKBACK_MS`` back, not
+        at its end: in a new group, another worker may publish inputs to it before this
+        worker has resolved its position, and those would be skipped."""
+        assert self.consumer
+        since = int(time.time() * 1000) - SCOPE_LOOKBACK_MS
+        found = (await self.consumer.offsets_for_times({tp: since})).get(tp)
+        if found is not None:
+            self.consumer.seek(tp, found.offset)
