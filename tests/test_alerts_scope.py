@@ -101,3 +101,30 @@ def test_array_state_is_written_per_partition_and_moves_with_it() -> None:
     assert brr.get(b.index.codes["ff-1"])["n"] == 5
     assert "ff-0" not in b.index.codes
     assert int(b.clock.part[b.index.codes["ff-1"]]) == 1
+
+
+def test_a_registry_sensor_not_heard_from_belongs_to_its_gateways_partition() -> None:
+    """Ingest keys a contract-v2 record by the sensor's gateway (``ingest.normalize``), v1
+    records by the sensor: absence of a registry sensor is judged where it will arrive."""
+    from dataclasses import replace
+
+    from alerts.scope import scope_partition
+    from alerts.service import route_keys
+    from cityops.registry import Fleet, Sensor
+    from cityops.settings import Settings
+
+    fleet = Fleet(name="t", groups=(), sensors=(
+        Sensor("s-behind", "traffic", "lane_detector", "v", "ninh_kieu", "ctu", 0.0, 0.0, 60,
+               gateway="gw-7"),
+        Sensor("s-alone", "traffic", "lane_detector", "v", "ninh_kieu", "ctu", 0.0, 0.0, 60)))
+    v2 = route_keys(fleet, replace(Settings(), ingest_contract_version=2))
+    assert v2 == {"s-behind": "gw-7"}
+    assert route_keys(fleet, replace(Settings(), ingest_contract_version=1)) == {}
+    e = Engine(parse_rules(RULES))
+    own = Ownership(e.index, v2)
+    own.set_counts(24, 24)
+    codes = np.array([e.index.code("s-behind"), e.index.code("s-alone")])
+    assert own.parts_of(codes).tolist() == [scope_partition("gw-7", 24),
+                                            scope_partition("s-alone", 24)]
+    e.clock.learn(codes[:1], np.array([5], np.int32))  # seen: where it was read wins
+    assert int(own.parts_of(codes[:1])[0]) == 5
