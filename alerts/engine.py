@@ -221,9 +221,13 @@ class Engine:
         """(rule id, rule hash, key, state or None to delete, topic, partition) for every
         changed key; (topic, partition): whose owner holds the key (``key_partition``)."""
         rows = []
+        own = self.ownership
         for rid, ev in self.evaluators.items():
             for key, st in ev.snapshot().items():
-                rows.append((rid, ev.hash, key, st, *self.key_partition(ev, key)))
+                topic, p = self.key_partition(ev, key)
+                if own is not None and p not in (own.scope if ev.scoped else own.events):
+                    continue  # another worker's key: its row is theirs to write
+                rows.append((rid, ev.hash, key, st, topic, p))
         return rows
 
     def mark_all_dirty(self, failed: Iterable[tuple[Any, ...]] = ()) -> None:

@@ -184,6 +184,7 @@ class AlertService:
         self._batch_lock = asyncio.Lock()
         self.ownership: Ownership | None = None
         self._claim = ""  # this worker's claim on its partitions (AlertStore.claim)
+        self._fatal: BaseException | None = None  # a rebalance callback failed for good
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self.settings
@@ -321,6 +322,8 @@ class AlertService:
             # costs a few requests a second and no latency.
             wait_ms = max(1, int((last_tick + self.tick_s - time.time()) * 1000))
             data = await self.consumer.getmany(timeout_ms=wait_ms, max_records=5000)
+            if self._fatal is not None:  # see on_assigned
+                raise self._fatal
             async with self._batch_lock:
                 last_tick = await self._batch(data, last_tick)
 
@@ -728,35 +731,52 @@ class AlertService:
     async def on_assigned(self, assigned: list[TopicPartition]) -> None:
         """Partitions arrive: load their state as their previous owner checkpointed it
         (per-sensor state with the events partition of its sensor, scope state with its
-        scope partition), their watermarks, and seek to the offsets stored with it."""
+        scope partition), their watermarks, and seek to the offsets stored with it.
+
+        The partitions count as owned only once all of that is done. If it fails for a
+        reason other than a lost database (which ``_db`` waits out), the loop ends the
+        service: judging them without their state, or never, would both be wrong, and a
+        restart (the runtime's job) loads them again."""
         assert self.consumer and self.store and self.engine and self.ownership
         async with self._batch_lock:
-            s, own, store, engine = self.settings, self.ownership, self.store, self.engine
-            own.set_counts(len(self.consumer.partitions_for_topic(s.topics.events) or ()),
-                           len(self.consumer.partitions_for_topic(s.topics.alerts_scoped)
-                               or ()))
-            events, scope = self._split(assigned)
-            own.events |= events
-            own.scope |= scope
-            engine.assigned(events)
-            parts = [(tp.topic, tp.partition) for tp in assigned]
-            # claimed before loading: a previous owner's late checkpoint is refused from now
-            # on, or (if it is being written) lands first and is what we load
-            claim = uuid.uuid4().hex
-            await self._db(partial(store.claim, self.group, claim, parts))
-            self._claim = claim
-            restored = engine.restore(await self._db(partial(store.load_state, parts)),
-                                      events, scope)
-            if events:
-                restored += engine.restore_blobs(
-                    await self._db(partial(store.load_blobs, sorted(events))), events)
-                marks = await self._db(partial(store.load_watermarks, self.group,
-                                               s.topics.events))
-                engine.clock.restore({p: w for p, w in marks.items() if p in events},
-                                     int(time.time() * 1000))
-            await self.seek_to_checkpoint(assigned)
-            log.info("partitions assigned", extra={"fields": {
-                "events": sorted(events), "scoped": sorted(scope), "restored": restored}})
+            try:
+                await self._take_over(assigned)
+            except _Stopped:
+                raise
+            except Exception as exc:
+                log.exception("loading the state of assigned partitions failed")
+                self._fatal = exc
+
+    async def _take_over(self, assigned: list[TopicPartition]) -> None:
+        assert self.consumer and self.store and self.engine and self.ownership
+        s, own, store, engine = self.settings, self.ownership, self.store, self.engine
+        own.set_counts(len(self.consumer.partitions_for_topic(s.topics.events) or ()),
+                       len(self.consumer.partitions_for_topic(s.topics.alerts_scoped) or ()))
+        events, scope = self._split(assigned)
+        engine.assigned(events)
+        parts = [(tp.topic, tp.partition) for tp in assigned]
+        # Claimed before loading: a previous owner's late checkpoint is refused from now on,
+        # or (if it is being written) lands first and is what we load. Partitions still
+        # held from before are claimed again with the new claim.
+        held = [(s.topics.events, p) for p in own.events] + \
+            [(s.topics.alerts_scoped, p) for p in own.scope]
+        claim = uuid.uuid4().hex
+        await self._db(partial(store.claim, self.group, claim, parts + held))
+        self._claim = claim
+        restored = engine.restore(await self._db(partial(store.load_state, parts)),
+                                  events, scope)
+        if events:
+            restored += engine.restore_blobs(
+                await self._db(partial(store.load_blobs, sorted(events))), events)
+            marks = await self._db(partial(store.load_watermarks, self.group,
+                                           s.topics.events))
+            engine.clock.restore({p: w for p, w in marks.items() if p in events},
+                                 int(time.time() * 1000))
+        await self.seek_to_checkpoint(assigned)
+        own.events |= events
+        own.scope |= scope
+        log.info("partitions assigned", extra={"fields": {
+            "events": sorted(events), "scoped": sorted(scope), "restored": restored}})
 
     def _split(self, tps: list[TopicPartition]) -> tuple[set[int], set[int]]:
         """(events partitions, scope partitions) of ``tps``."""
