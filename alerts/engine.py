@@ -6,6 +6,11 @@ here from the events (``alerts.windows``), not from the processors' rollup parti
 The engine is pure computation over events, time and alerts; it owns no I/O, so the
 service decides when to checkpoint its state and the tests can drive it directly.
 Reloading rules keeps the state of every rule whose definition did not change.
+
+As one of N workers (``own``, see ``alerts.scope``) the engine judges only what its
+partitions own: the inputs of rules spanning sensors go to ``outbox`` for the scope topic
+and come back through ``on_scoped`` on the scope's owner, and state is snapshotted,
+dropped (``drop``) and restored per partition.
 """
 
 from __future__ import annotations
