@@ -88,6 +88,8 @@ class SlotArrays:
             parts = np.full(n, -1, np.int32)
             owned = {-1}
         assert owned is not None
+        if not owned:  # nothing is ours yet (before the first assignment): keep it all
+            return []
         every = self.full or self.deltas >= FULL_EVERY
         dirty = self.dirty[:n]
         out: list[tuple[int, bytes, bool]] = []
