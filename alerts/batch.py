@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from alerts.ruleset import Match
 from alerts.watermark import Watermarks
 from cityops.city import DISTRICTS_BY_CODE, LANDMARKS_BY_CODE
 from ingest.contract import Event
+
+if TYPE_CHECKING:
+    from alerts.scope import Ownership
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,9 @@ class SensorIndex:
         # event-time clocks: the events topic's partition watermarks, and which partition
         # carries each sensor (what absence and the windows judge time by)
         self.clock = Watermarks()
+        # which partitions this worker owns (``alerts.scope``); None: all (one worker,
+        # or the engine driven directly by tests and benchmarks)
+        self.ownership: Ownership | None = None
         for sid in self.registry:
             self.code(sid)
 

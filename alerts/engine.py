@@ -6,6 +6,11 @@ here from the events (``alerts.windows``), not from the processors' rollup parti
 The engine is pure computation over events, time and alerts; it owns no I/O, so the
 service decides when to checkpoint its state and the tests can drive it directly.
 Reloading rules keeps the state of every rule whose definition did not change.
+
+As one of N workers (``own``, see ``alerts.scope``) the engine judges only what its
+partitions own: the inputs of rules spanning sensors go to ``outbox`` for the scope topic
+and come back through ``on_scoped`` on the scope's owner, and state is snapshotted,
+dropped (``drop``) and restored per partition.
 """
 
 from __future__ import annotations
@@ -17,10 +22,17 @@ from typing import Any
 import numpy as np
 
 from alerts.batch import Batch, Place, SensorIndex
-from alerts.evaluators import EVALUATORS, AbsenceEvaluator, CorrelationEvaluator, Evaluator
+from alerts.evaluators import (
+    EVALUATORS,
+    AbsenceEvaluator,
+    CorrelationEvaluator,
+    CountEvaluator,
+    Evaluator,
+)
 from alerts.metrics import EVAL_SECONDS, RULES_EVALUATED, RULES_LOADED
 from alerts.model import Alert, Signal
 from alerts.ruleset import Match, Rule, RuleSet, rule_hash, rule_input
+from alerts.scope import Ownership, ScopeInput
 from alerts.windows import Windows
 from cityops.registry import Fleet
 from ingest.contract import Event
@@ -45,6 +57,17 @@ class Engine:
         self.evaluators: dict[str, Evaluator] = {}
         self.rules = rules
         self.set_rules(rules)
+        # Scale-out (``alerts.scope``): with an ownership, the inputs of rules spanning
+        # sensors go to ``outbox`` (for the scope topic) instead of being judged here, and
+        # state is checkpointed, dropped and loaded per partition.
+        self.ownership: Ownership | None = None
+        self.topics = ("", "")  # (events topic, scope topic) the partitions belong to
+        self.outbox: list[ScopeInput] = []
+
+    def own(self, ownership: Ownership, events_topic: str, scope_topic: str) -> None:
+        """Run as one of N workers: see ``alerts.scope``."""
+        self.ownership = self.index.ownership = ownership
+        self.topics = (events_topic, scope_topic)
 
     def _build(self, rule: Rule) -> Evaluator:
         return EVALUATORS[type(rule)](rule, self.index)
@@ -82,9 +105,13 @@ class Engine:
 
     def _run(self, batch: Batch, source: str, out: list[Signal]) -> None:
         started = time.perf_counter()
+        routed = self.ownership is not None
         for ev in self.evaluators.values():
             if not isinstance(ev, CorrelationEvaluator) and rule_input(ev.rule) == source:
-                ev.on_batch(batch, out)
+                if routed and isinstance(ev, CountEvaluator) and ev.scoped:
+                    self.outbox += ev.collect(batch)  # judged by the scope's owner
+                else:
+                    ev.on_batch(batch, out)
                 RULES_EVALUATED.labels(_kind(ev)).inc()
         EVAL_SECONDS.observe(time.perf_counter() - started)
 
@@ -98,6 +125,81 @@ class Engine:
                 ev.on_tick(now_ms, out)
                 RULES_EVALUATED.labels(_kind(ev)).inc()
         return out
+
+    def take_outbox(self) -> list[ScopeInput]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def on_scoped(self, inputs: list[ScopeInput]) -> list[Signal]:
+        """Inputs read from the scope topic, judged by their rules (in order). Inputs of a
+        rule that is gone or changed since they were published are dropped."""
+        out: list[Signal] = []
+        by_rule: dict[str, list[ScopeInput]] = {}
+        for inp in inputs:
+            by_rule.setdefault(inp.rule_id, []).append(inp)
+        for rid, group in by_rule.items():
+            ev = self.evaluators.get(rid)
+            if isinstance(ev, CountEvaluator) and ev.hash == group[0].rule_hash:
+                ev.on_inputs([i for i in group if i.rule_hash == ev.hash], out)
+                RULES_EVALUATED.labels("count").inc()
+        return out
+
+    # --- ownership of partitions -------------------------------------------------------------
+    def key_partition(self, ev: Evaluator, key: str) -> tuple[str, int]:
+        """(topic, partition) whose owner holds ``key`` of ``ev``: ("", -1) when this
+        engine owns everything."""
+        own = self.ownership
+        if own is None:
+            return "", -1
+        if ev.scoped:
+            return self.topics[1], own.scope_of(key)
+        return self.topics[0], int(own.parts_of(np.array([self.index.code(key)]))[0])
+
+    def _array_sets(self) -> list[Any]:
+        sets = [ev.arrays for ev in self.evaluators.values() if hasattr(ev, "arrays")]
+        return sets + [ws.arrays for ws in self.windows.sets.values()]
+
+    def assigned(self, events_parts: set[int]) -> None:
+        """Partitions taken over, before their checkpoint is loaded: registry sensors of
+        those partitions are set up as at start (absence with ``include_registry``)."""
+        own = self.ownership
+        if own is None or not events_parts:
+            return
+        codes = np.array([self.index.code(sid) for sid in self.index.registry], np.int64)
+        if codes.size:
+            codes = codes[np.isin(own.parts_of(codes), list(events_parts))]
+        for ev in self.evaluators.values():
+            ev.on_assigned(codes)
+
+    def drop(self, events_parts: set[int], scope_parts: set[int]) -> None:
+        """Forget the state of partitions revoked from this worker (checkpointed just
+        before): its next owner loads it, and a stale copy here must never be judged or
+        written again."""
+        own = self.ownership
+        if own is None:
+            return
+        sc_topic = self.topics[1]
+
+        def gone(ev: Evaluator) -> Any:
+            def test(key: str) -> bool:
+                topic, p = self.key_partition(ev, key)
+                return p in (scope_parts if topic == sc_topic else events_parts)
+            return test
+
+        for ev in self.evaluators.values():
+            ev.drop_keys(gone(ev))
+        if events_parts:
+            n = len(self.index.ids)
+            codes = np.arange(n)
+            codes = codes[np.isin(own.parts_of(codes), list(events_parts))]
+            for arrays in self._array_sets():
+                arrays.drop(codes)
+            dropped = set(codes.tolist())
+            for ws in self.windows.sets.values():
+                if ws.values:
+                    for k in [k for k in ws.values if k[0] in dropped]:
+                        del ws.values[k]
+            self.clock.forget(events_parts)
 
     def has_correlations(self) -> bool:
         return any(isinstance(e, CorrelationEvaluator) for e in self.evaluators.values())
@@ -120,19 +222,24 @@ class Engine:
         return out
 
     # --- checkpointing ---------------------------------------------------------------------
-    def snapshot(self) -> list[tuple[str, str, str, dict[str, Any] | None]]:
-        """(rule id, rule hash, key, state or None to delete) for every changed key."""
+    def snapshot(self) -> list[tuple[str, str, str, dict[str, Any] | None, str, int]]:
+        """(rule id, rule hash, key, state or None to delete, topic, partition) for every
+        changed key; (topic, partition): whose owner holds the key (``key_partition``)."""
         rows = []
+        own = self.ownership
         for rid, ev in self.evaluators.items():
             for key, st in ev.snapshot().items():
-                rows.append((rid, ev.hash, key, st))
+                topic, p = self.key_partition(ev, key)
+                if own is not None and p not in (own.scope if ev.scoped else own.events):
+                    continue  # another worker's key: its row is theirs to write
+                rows.append((rid, ev.hash, key, st, topic, p))
         return rows
 
-    def mark_all_dirty(self, failed: Iterable[tuple[str, str, str, Any]] = ()) -> None:
+    def mark_all_dirty(self, failed: Iterable[tuple[Any, ...]] = ()) -> None:
         """After a failed checkpoint: everything goes into the next one, including the
         keys of the failed snapshot (a key deleted since the last good checkpoint is no
         longer in ``state``, and its row must still be deleted)."""
-        for rid, _, key, _ in failed:
+        for rid, _, key, *_ in failed:
             ev = self.evaluators.get(rid)
             if ev is not None:
                 ev.dirty.add(key)
@@ -144,46 +251,89 @@ class Engine:
         for ws in self.windows.sets.values():
             ws.arrays.full = True
 
-    def snapshot_blobs(self) -> list[tuple[str, str, bytes, bool]]:
-        """(rule id, rule hash, blob, is_full) for every array state that changed: the
-        array evaluators' and the window sets' (see ``alerts.slots``)."""
+    def snapshot_blobs(self) -> list[tuple[str, str, int, bytes, bool]]:
+        """(rule id, rule hash, partition, blob, is_full) for every array state that
+        changed: the array evaluators' and the window sets' (see ``alerts.slots``), one
+        blob per owned events partition (-1: this engine owns everything)."""
+        own = self.ownership
+        parts: np.ndarray | None = None
+        owned: set[int] | None = None
+        if own is not None:
+            parts = own.parts_of(np.arange(len(self.index.ids)))
+            owned = set(own.events)
         out = []
         for rid, ev in self.evaluators.items():
-            got = ev.snapshot_blob()
-            if got is not None:
-                out.append((rid, ev.hash, *got))
+            arrays = getattr(ev, "arrays", None)
+            if arrays is not None:
+                out += [(rid, ev.hash, *got) for got in arrays.take_parts(parts, owned)]
         for key, ws in self.windows.sets.items():
-            got = ws.arrays.take()
-            if got is not None:
-                out.append((f"{WINDOWS_PREFIX}{key[0]}:{key[1]}", self.windows.digest(key),
-                            *got))
+            out += [(f"{WINDOWS_PREFIX}{key[0]}:{key[1]}", self.windows.digest(key), *got)
+                    for got in ws.arrays.take_parts(parts, owned)]
         return out
 
-    def restore_blobs(self, rows: Iterable[tuple[str, str, bytes]]) -> int:
-        """Bases and deltas, in the order written."""
+    def _keep(self, partition: int, events_parts: set[int] | None) -> Any:
+        """Which rows of a stored blob to load: all of a partition's own blob; of a blob
+        written before partitioning (-1), the sensors of the partitions being loaded."""
+        own = self.ownership
+        if own is None or partition >= 0:
+            return None
+        wanted = list(own.events if events_parts is None else events_parts)
+        return lambda codes: np.isin(own.parts_of(codes), wanted)
+
+    def restore_blobs(self, rows: Iterable[tuple[str, str, int, bytes]],
+                      events_parts: set[int] | None = None) -> int:
+        """Bases and deltas, in the order written; a partition's sensors are known to
+        belong to it from then on (until their events say otherwise)."""
         n = 0
-        for rid, h, blob in rows:
+        for rid, h, partition, blob in rows:
+            arrays = None
             if rid.startswith(WINDOWS_PREFIX):
                 window, _, metric = rid.removeprefix(WINDOWS_PREFIX).partition(":")
                 ws = self.windows.sets.get((window, metric))
                 if ws is not None and self.windows.digest((window, metric)) == h:
-                    ws.arrays.load_bytes(blob)
-                    n += 1
+                    arrays = ws.arrays
+            else:
+                ev = self.evaluators.get(rid)
+                if ev is not None and ev.hash == h:
+                    arrays = getattr(ev, "arrays", None)
+            if arrays is None:
                 continue
-            ev = self.evaluators.get(rid)
-            if ev is not None and ev.hash == h:
-                ev.restore_blob(blob)
-                n += 1
+            codes = arrays.load_bytes(blob, self._keep(partition, events_parts))
+            if partition >= 0:
+                self.clock.settle(codes, partition)
+            elif self.ownership is not None:  # rewritten as partitioned bases next time
+                arrays.full_parts |= self.ownership.events if events_parts is None \
+                    else events_parts
+            n += 1
         return n
 
-    def restore(self, rows: Iterable[tuple[str, str, str, dict[str, Any]]]) -> int:
-        """Load checkpointed state; rows of rules that changed since are ignored."""
+    def restore(self, rows: Iterable[tuple[Any, ...]], events_parts: set[int] | None = None,
+                scope_parts: set[int] | None = None) -> int:
+        """Load checkpointed state: (rule id, hash, key, state[, topic, partition]); rows
+        of rules that changed since are ignored, and so are rows written before
+        partitioning (partition -1) whose key is not in the partitions being loaded
+        (default: all owned)."""
         n = 0
-        for rid, h, key, st in rows:
+        ev_topic = self.topics[0]
+        own = self.ownership
+        if own is not None:
+            events_parts = own.events if events_parts is None else events_parts
+            scope_parts = own.scope if scope_parts is None else scope_parts
+        for rid, h, key, st, *where in rows:
             ev = self.evaluators.get(rid)
-            if ev is not None and ev.hash == h:
-                ev.restore(key, st)
-                n += 1
+            if ev is None or ev.hash != h:
+                continue
+            topic, partition = where if where else ("", -1)
+            if own is not None:
+                if partition < 0:
+                    t, p = self.key_partition(ev, key)
+                    if p not in ((scope_parts if t == self.topics[1] else events_parts)
+                                 or ()):
+                        continue
+                elif topic == ev_topic and not ev.scoped:
+                    self.clock.settle(np.array([self.index.code(key)]), partition)
+            ev.restore(key, st)
+            n += 1
         return n
 
 

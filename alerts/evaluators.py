@@ -37,6 +37,7 @@ from alerts.ruleset import (
     render,
     rule_hash,
 )
+from alerts.scope import ScopeInput
 from alerts.slots import SlotArrays
 from alerts.watermark import NONE
 from cityops.city import DISTRICTS_BY_CODE, LANDMARKS, LANDMARKS_BY_CODE
@@ -80,6 +81,20 @@ class Evaluator:
 
     def restore_blob(self, data: bytes) -> None:
         raise NotImplementedError
+
+    #: True when the state is keyed by a scope spanning sensors (landmark, district):
+    #: it lives on the scope topic's partitions, not the events topic's (``alerts.scope``)
+    scoped = False
+
+    def drop_keys(self, gone: Callable[[str], bool]) -> None:
+        """Forget the keys whose partition moved to another worker."""
+        for key in [k for k in self.state if gone(k)]:
+            del self.state[key]
+        # a key deleted here since the last checkpoint too: its new owner's row stays
+        self.dirty = {k for k in self.dirty if not gone(k)}
+
+    def on_assigned(self, codes: np.ndarray) -> None:
+        """Sensors of partitions just assigned, before their checkpoint is loaded."""
 
     def _set(self, key: str, state: dict[str, Any] | None) -> None:
         if state is None:
@@ -208,22 +223,45 @@ class CountEvaluator(Evaluator):
         lat, lon = (d.lat, d.lon) if d else (p.lat, p.lon)
         return Place("", p.domain, p.type, p.district, "", lat, lon)
 
-    def on_batch(self, batch: Batch, out: list[Signal]) -> None:
+    @property
+    def scoped(self) -> bool:  # type: ignore[override]
+        return self.rule.per != "sensor"
+
+    def collect(self, batch: Batch) -> list[ScopeInput]:
+        """The batch's incidents this rule counts, as inputs keyed by the rule's scope:
+        what the owner of that scope needs, and all it needs (``alerts.scope``)."""
         r = self.rule
         mask = batch.incidents(frozenset(r.incidents))
         if not mask.any():
-            return
+            return []
         mask &= self._match_mask(batch)
-        window = int(r.window_s * 1000)
+        out = []
         for i in np.flatnonzero(mask):
             ev, p = batch.events[i], batch.place(int(i))
-            key = self._key(p)
+            out.append(ScopeInput(r.id, self.hash, self._key(p), ev.event_id, ev.event_time,
+                                  ev.receive_time, ev.incident, p.sensor_id, p.domain, p.type,
+                                  p.district, p.landmark, p.lat, p.lon))
+        return out
+
+    def on_batch(self, batch: Batch, out: list[Signal]) -> None:
+        self.on_inputs(self.collect(batch), out)
+
+    def on_inputs(self, inputs: list[ScopeInput], out: list[Signal]) -> None:
+        """Count incidents (from this worker's batch, or from the scope topic). An event id
+        counted already is dropped: a resent incident, or an input published again by a
+        worker replaying from its checkpoint."""
+        r = self.rule
+        window = int(r.window_s * 1000)
+        for inp in inputs:
+            p = Place(inp.sensor_id, inp.domain, inp.type, inp.district, inp.landmark,
+                      inp.lat, inp.lon)
+            key = inp.key
             st = self.state.get(key) or {"hits": [], "firing": False, "place": None}
-            if any(h[1] == ev.event_id for h in st["hits"]):
+            if any(h[1] == inp.event_id for h in st["hits"]):
                 continue  # a resend of an incident already counted
-            t = ev.event_time
+            t = inp.event_time
             newest = max([t] + [h[0] for h in st["hits"]])
-            hits = [h for h in st["hits"] if h[0] > newest - window] + [[t, ev.event_id]]
+            hits = [h for h in st["hits"] if h[0] > newest - window] + [[t, inp.event_id]]
             hits.sort()
             place = self._place(key, p)
             st = {"hits": hits, "firing": st["firing"],
@@ -232,8 +270,9 @@ class CountEvaluator(Evaluator):
             if len(hits) >= r.count:
                 kind = SignalKind.UPDATE if st["firing"] else SignalKind.RAISE
                 st["firing"] = True
-                out.append(self.signal(kind, key, t, place, float(len(hits)), ev.receive_time,
-                                       count=len(hits), incident=ev.incident))
+                out.append(self.signal(kind, key, t, place, float(len(hits)),
+                                       inp.receive_time, count=len(hits),
+                                       incident=inp.incident))
             self._set(key, st)
 
     def on_tick(self, now_ms: int, out: list[Signal]) -> None:
@@ -361,14 +400,27 @@ class AbsenceEvaluator(Evaluator):
     def __init__(self, rule: Rule, index: SensorIndex, now_ms: int | None = None) -> None:
         super().__init__(rule, index)
         self.arrays = _AbsenceState(index)
-        if rule.include_registry:  # type: ignore[union-attr]
-            start = now_ms or int(datetime.now(UTC).timestamp() * 1000)
-            for p in index.registry.values():
-                if matches(rule.match, p):
-                    self.arrays.put(self.arrays.slot(p.sensor_id),
-                                    {"last_seen": start, "mark": NONE,
-                                     "limit": self._limit(p), "firing": False,
-                                     "tracked": True})
+        self._start = now_ms
+        self._track_registry(None)
+
+    def _track_registry(self, codes: np.ndarray | None) -> None:
+        """Registry sensors (of ``codes``; None: all) are watched from now on, heard from
+        or not (``include_registry``)."""
+        if not self.rule.include_registry:
+            return
+        start = self._start or int(datetime.now(UTC).timestamp() * 1000)
+        wanted = None if codes is None else set(codes.tolist())
+        for p in self.index.registry.values():
+            slot = self.arrays.slot(p.sensor_id)
+            if (wanted is None or slot in wanted) and matches(self.rule.match, p):
+                self.arrays.put(slot, {"last_seen": start, "mark": NONE,
+                                       "limit": self._limit(p), "firing": False,
+                                       "tracked": True})
+
+    def on_assigned(self, codes: np.ndarray) -> None:
+        """A partition taken over: its registry sensors are watched again (its checkpoint,
+        loaded next, replaces this for the sensors it holds)."""
+        self._track_registry(codes)
 
     def _limit(self, p: Place) -> int:
         r = self.rule
@@ -411,6 +463,9 @@ class AbsenceEvaluator(Evaluator):
         n = len(self.index.ids)
         a = self.arrays.arr
         codes = np.flatnonzero(a["tracked"][:n] & ~a["firing"][:n])
+        own = self.index.ownership
+        if own is not None:  # another worker judges the sensors of its partitions
+            codes = codes[own.owns_codes(codes)]
         if codes.size == 0:
             return
         wm = self.index.clock.of_codes(codes)
@@ -528,6 +583,7 @@ class CorrelationEvaluator(Evaluator):
     """
 
     rule: CorrelationRule
+    scoped = True
 
     def on_alerts(self, active: list[Alert], now_ms: int, out: list[Signal]) -> None:
         r = self.rule
@@ -551,6 +607,9 @@ class CorrelationEvaluator(Evaluator):
                 members.extend(near)
             else:
                 holding.setdefault(lm.code, []).extend(members)
+        own = self.index.ownership
+        if own is not None:  # each landmark is judged by the owner of its scope partition
+            holding = {c: m for c, m in holding.items() if own.owns_scope(f"landmark:{c}")}
         for code, members in holding.items():
             lm = LANDMARKS_BY_CODE[code]
             key = f"landmark:{code}"

@@ -37,6 +37,10 @@ BATCH_SIZE = Histogram("cityops_alerts_batch_events", "Events per evaluated batc
                        buckets=(1, 10, 50, 100, 500, 1000, 2500, 5000, 10000))
 CHECKPOINTS = Counter("cityops_alerts_checkpoints_total",
                       "Rule state + offsets checkpoints written")
+SCOPED_INPUTS = Counter("cityops_alerts_scoped_inputs_total",
+                        "Inputs of rules spanning sensors (count per landmark/district) on the "
+                        "internal scope topic: published by the events' owner, consumed by the "
+                        "scope's owner", ["direction"])
 
 # console
 CONSOLE_LOGINS = Counter("cityops_console_logins_total", "Console logins", ["result"])

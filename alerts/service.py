@@ -1,9 +1,20 @@
 """``cityops alerts``: events from Kafka through the rule engine into alerts.
 
-One consumer loop per process, in a consumer group on the events topic. It is keyed by
-sensor id, so one sensor's events live in one partition and reach one consumer in order,
-so per-sensor rule state never sees two concurrent messages, and a duplicate alert
-cannot come from a race (the database's one-active-alert index is the backstop).
+One consumer loop per process; N processes share the rules in one consumer group over
+two topics (``alerts.scope``). The events topic is keyed so that one sensor's events live
+in one partition and reach one worker in order: per-sensor rules run on the owner of
+that partition, never on two workers at once. Rules whose state spans sensors (count per
+landmark or district) get their inputs on the internal scope topic
+(``topics.alerts_scoped``), keyed by the scope, and run on the owner of that partition;
+correlation runs on every worker, each raising only the landmarks of its scope
+partitions. A duplicate alert cannot come from a race (the database's one-active-alert
+index is the backstop).
+
+Rebalance: on revocation the worker checkpoints, then drops the state of the revoked
+partitions; on assignment it loads the state of the assigned ones as their previous owner
+checkpointed it, their watermarks, and seeks to the offsets stored with it. Both take
+``_batch_lock``, which the loop holds from a poll's records to its checkpoint, so a
+partition never leaves in the middle of a batch.
 
 The rules that read time windows (``input: rollup_1m``) get them from the engine, which
 computes them from the same events (``alerts.windows``): the worker does not read the
@@ -18,9 +29,12 @@ clock (absence, escalation, rule file reload, maintenance windows) and checkpoin
 the background: the loop does not wait for it).
 
 Exactly-once rule state: the checkpoint writes the evaluators' changed state and the
-offsets it reflects in ONE PostgreSQL transaction, and on partition assignment the
-consumer seeks to the offsets stored there. Alert writes are idempotent (one active
-alert per key), so the events replayed after a crash only re-confirm what is there.
+offsets it reflects (events and scope topics) in ONE PostgreSQL transaction, and on
+partition assignment the consumer seeks to the offsets stored there. Alert writes are
+idempotent (one active alert per key), so the events replayed after a crash only
+re-confirm what is there. Scope inputs are acknowledged by Kafka before the offsets of
+the events they came from can be checkpointed; a replay publishes them again, and the
+scoped rules drop an event id they have counted (within their window).
 
 Database outages are ridden out in-process, like the processor does: every database
 step of the loop goes through ``_db``, which on a lost database (``Fault.AWAY`` of
@@ -54,6 +68,7 @@ import base64
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -66,10 +81,11 @@ from aiokafka.structs import OffsetAndMetadata
 
 from alerts.decode import decode_value, decode_values
 from alerts.engine import Engine
-from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED
+from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED, SCOPED_INPUTS
 from alerts.model import AlertChange, Signal, encode_change
 from alerts.ruleset import RulesFile
-from alerts.store import AlertStore, create_pool
+from alerts.scope import Ownership, ScopeInput, decode_input, encode_input
+from alerts.store import AlertStore, Fenced, create_pool
 from cityops.kafka import require_topics
 from cityops.registry import Fleet, load_fleet
 from cityops.service import static_member_id
@@ -94,9 +110,22 @@ T = TypeVar("T")
 # every producer, which a process restart (the runtime's job) is no better at.
 PRODUCER_RENEWALS = 3
 
+# How far back a scope partition never read by the group is read from (_seek_back): more
+# than a new group's workers take to all get their assignment.
+SCOPE_LOOKBACK_MS = 60_000
+
 # The database is away (restart, failover, network): the connection is gone, not the work.
 # Kept for the modules and tests that import it; the decision is ``processors.faults``.
 DB_AWAY = CONNECTION_LOST
+
+
+def route_keys(fleet: Fleet | None, settings: Settings) -> dict[str, str]:
+    """Each registry sensor's events-topic key as ingest produces it: with contract v2 a
+    sensor behind a gateway travels in its gateway's records (keyed by the gateway, so on
+    the gateway's partition), else a record is keyed by its sensor (``ingest.kafka``)."""
+    if fleet is None or settings.ingest_contract_version < 2:
+        return {}
+    return {s.sensor_id: s.gateway for s in fleet if s.gateway}
 
 
 class _Stopped(Exception):
@@ -108,11 +137,10 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         self.service = service
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        if revoked:
-            await self.service.checkpoint(force=True)
+        await self.service.on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        await self.service.seek_to_checkpoint(assigned)
+        await self.service.on_assigned(assigned)
 
 
 class AlertService:
@@ -150,6 +178,13 @@ class AlertService:
         # False while a polled batch is evaluated but its signals are not in the database:
         # the engine state then runs ahead of the alerts, so it must not be checkpointed.
         self._clean = True
+        # Held by the loop from a poll's records to its checkpoint, and by the rebalance
+        # callbacks: aiokafka runs those in its own task, so without it a partition could
+        # be revoked (and its state checkpointed and dropped) in the middle of a batch.
+        self._batch_lock = asyncio.Lock()
+        self.ownership: Ownership | None = None
+        self._claim = ""  # this worker's claim on its partitions (AlertStore.claim)
+        self._fatal: BaseException | None = None  # a rebalance callback failed for good
 
     def _new_producer(self) -> AIOKafkaProducer:
         s = self.settings
@@ -237,16 +272,15 @@ class AlertService:
             self.store = store = AlertStore(pool, update_every_s=self.update_every_s)
             self.engine = Engine(rules, self.fleet,
                                  lateness_ms=int(s.alerts_window_lateness_s * 1000))
-            restored = self.engine.restore(await self._db(store.load_state))
-            restored += self.engine.restore_blobs(await self._db(store.load_blobs))
-            self.engine.clock.restore(await self._db(partial(
-                store.load_watermarks, self.group, s.topics.events)), int(time.time() * 1000))
+            # State is loaded per partition as partitions are assigned (on_assigned).
+            self.ownership = Ownership(self.engine.index, route_keys(self.fleet, s))
+            self.engine.own(self.ownership, s.topics.events, s.topics.alerts_scoped)
             await self._db(store.load_windows)
         except _Stopped:
             if self.store is not None:
                 self.store.pool.terminate()
             return
-        await require_topics(s, [s.topics.events, s.topics.alerts])
+        await require_topics(s, [s.topics.events, s.topics.alerts, s.topics.alerts_scoped])
         self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
@@ -257,9 +291,10 @@ class AlertService:
         await self.producer.start()
         try:
             await self.consumer.start()
-            self.consumer.subscribe([s.topics.events], listener=_Rebalance(self))
+            self.consumer.subscribe([s.topics.events, s.topics.alerts_scoped],
+                                    listener=_Rebalance(self))
             log.info("alerts service started", extra={"fields": {
-                "rules": len(rules.rules), "restored_keys": restored, "group": self.group}})
+                "rules": len(rules.rules), "group": self.group}})
             await self._loop(stop)
         finally:
             if self._clean and self.db_ok:
@@ -280,8 +315,7 @@ class AlertService:
                      "checkpointed, so it is read again from Kafka after a restart")
 
     async def _consume(self, stop: asyncio.Event) -> None:
-        assert self.consumer and self.engine and self.store
-        store, db = self.store, self._db
+        assert self.consumer
         last_tick = 0.0
         while not stop.is_set():
             # Wait for records until the next tick is due: the broker holds an empty fetch
@@ -289,51 +323,74 @@ class AlertService:
             # costs a few requests a second and no latency.
             wait_ms = max(1, int((last_tick + self.tick_s - time.time()) * 1000))
             data = await self.consumer.getmany(timeout_ms=wait_ms, max_records=5000)
-            if data:
-                self.assigned = True
-            self._clean = False
-            events: list[Event] = []
-            parts: list[np.ndarray] = []
-            wall = int(time.time() * 1000)
-            for tp, msgs in data.items():
-                self.records_polled += len(msgs)
-                got = await self._decode(tp.topic, msgs)
-                if got:
-                    events.extend(got)
-                    parts.append(np.full(len(got), tp.partition, np.int32))
-                    self.engine.clock.observe(tp.partition, max(e.event_time for e in got),
-                                              wall)
-                self.offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
-                self._position[tp.partition] = msgs[-1].offset + 1
-            self.engine.clock.advance(wall, self._caught_up())
-            if events:
-                EVENTS.labels("events").inc(len(events))
-                BATCH_SIZE.observe(len(events))
-            signals = await self._evaluate(events, np.concatenate(parts) if parts else None,
-                                           data)
-            now = time.time()
-            ticked = now - last_tick >= self.tick_s
-            if ticked:
-                last_tick = now
-                self.assigned = self.assigned or bool(self.consumer.assignment())
-                await self._reload_rules()
-                signals += self.engine.tick(int(now * 1000))
-            # From here on every database step is retried as is until it succeeds (_db).
-            changes = await self._apply(signals)
-            if self.engine.has_correlations() and (changes or ticked):
-                active = await db(partial(store.active, self.engine.correlated_rules()))
-                corr = self.engine.correlate(active, int(now * 1000))
-                changes += await self._apply(corr)
-            if ticked:
-                changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
-                                            self._escalation_overrides()))
-                if now - self._last_windows >= 5.0:
-                    self._last_windows = now
-                    await db(store.load_windows)
-                    await db(store.count_active)
-            await self.publish(changes)
-            self._clean = True
-            await self.checkpoint()
+            if self._fatal is not None:  # see on_assigned
+                raise self._fatal
+            async with self._batch_lock:
+                last_tick = await self._batch(data, last_tick)
+
+    async def _batch(self, data: dict[TopicPartition, list[Any]], last_tick: float) -> float:
+        """One poll's records, start to end (under ``_batch_lock``); returns the time of
+        the last tick."""
+        assert self.consumer and self.engine and self.store and self.ownership
+        store, db, topics, own = self.store, self._db, self.settings.topics, self.ownership
+        # records of partitions revoked while the poll was answered belong to their new owner
+        data = {tp: m for tp, m in data.items() if tp.partition in
+                (own.events if tp.topic == topics.events else own.scope)}
+        if data:
+            self.assigned = True
+        self._clean = False
+        events: list[Event] = []
+        parts: list[np.ndarray] = []
+        inputs: list[ScopeInput] = []
+        wall = int(time.time() * 1000)
+        for tp, msgs in data.items():
+            self.records_polled += len(msgs)
+            self.offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
+            if tp.topic == topics.alerts_scoped:
+                inputs += self._decode_inputs(msgs)
+                continue
+            got = await self._decode(tp.topic, msgs)
+            if got:
+                events.extend(got)
+                parts.append(np.full(len(got), tp.partition, np.int32))
+                self.engine.clock.observe(tp.partition, max(e.event_time for e in got), wall)
+            self._position[tp.partition] = msgs[-1].offset + 1
+        self.engine.clock.advance(wall, self._caught_up())
+        if events:
+            EVENTS.labels("events").inc(len(events))
+            BATCH_SIZE.observe(len(events))
+        signals = await self._evaluate(events, np.concatenate(parts) if parts else None,
+                                       data)
+        if inputs:
+            SCOPED_INPUTS.labels("consumed").inc(len(inputs))
+            signals += await self._evaluate_scoped(inputs, data)
+        # Before anything is checkpointed: a crash from here on replays the events, which
+        # publish the same inputs again (the scoped rules drop an event id seen before).
+        await self._publish_inputs(self.engine.take_outbox())
+        now = time.time()
+        ticked = now - last_tick >= self.tick_s
+        if ticked:
+            last_tick = now
+            self.assigned = self.assigned or bool(self.consumer.assignment())
+            await self._reload_rules()
+            signals += self.engine.tick(int(now * 1000))
+        # From here on every database step is retried as is until it succeeds (_db).
+        changes = await self._apply(signals)
+        if self.engine.has_correlations() and (changes or ticked):
+            active = await db(partial(store.active, self.engine.correlated_rules()))
+            corr = self.engine.correlate(active, int(now * 1000))
+            changes += await self._apply(corr)
+        if ticked:
+            changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
+                                        self._escalation_overrides()))
+            if now - self._last_windows >= 5.0:
+                self._last_windows = now
+                await db(store.load_windows)
+                await db(store.count_active)
+        await self.publish(changes)
+        self._clean = True
+        await self.checkpoint()
+        return last_tick
 
     def _caught_up(self) -> dict[int, bool]:
         """Events partitions read to their end (position == high watermark, as the last
@@ -367,6 +424,32 @@ class AlertService:
         except Exception as exc:
             return await self._isolate_evaluation(data, topics.events, exc, self._decode_one,
                                                   engine.evaluate)
+
+    def _decode_inputs(self, msgs: list[Any]) -> list[ScopeInput]:
+        """Scope-topic records (written by alerts workers only); one that does not decode
+        is logged and skipped, never a reason to stop."""
+        out = []
+        for m in msgs:
+            try:
+                out.append(decode_input(m.value or b""))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                DEADLETTERS.labels("bad_scoped_input").inc()
+                log.error("scope input skipped: %s", exc, extra={"fields": {
+                    "topic": self.settings.topics.alerts_scoped, "partition": m.partition,
+                    "offset": m.offset}})
+        return out
+
+    async def _evaluate_scoped(self, inputs: list[ScopeInput],
+                               data: dict[TopicPartition, list[Any]]) -> list[Signal]:
+        """The scoped rules over the inputs of a poll; a record that makes them raise is
+        parked and skipped, as for events (``_evaluate``)."""
+        assert self.engine
+        try:
+            return self.engine.on_scoped(inputs)
+        except Exception as exc:
+            return await self._isolate_evaluation(
+                data, self.settings.topics.alerts_scoped, exc,
+                lambda v: [decode_input(v)], self.engine.on_scoped)
 
     async def _isolate_evaluation(self, data: dict[TopicPartition, list[Any]], topic: str,
                                   cause: BaseException, one: Callable[[bytes], list[Any]],
@@ -519,8 +602,23 @@ class AlertService:
         """
         if not changes:
             return
-        topic = self.settings.topics.alerts
-        pending = [(encode_change(c), str(c.alert.alert_id).encode()) for c in changes]
+        await self._send_all(self.settings.topics.alerts,
+                             [(encode_change(c), str(c.alert.alert_id).encode())
+                              for c in changes])
+
+    async def _publish_inputs(self, inputs: list[ScopeInput]) -> None:
+        """The inputs of rules spanning sensors onto the scope topic, keyed by scope, all
+        acknowledged before the loop goes on (and so before the offsets of the events they
+        came from can be checkpointed)."""
+        if not inputs:
+            return
+        await self._send_all(self.settings.topics.alerts_scoped,
+                             [(encode_input(i), i.key.encode()) for i in inputs])
+        SCOPED_INPUTS.labels("published").inc(len(inputs))
+
+    async def _send_all(self, topic: str, pending: list[tuple[bytes, bytes]]) -> None:
+        """Send (value, key)s and wait for every acknowledgement, renewing a producer that
+        died of a ``PRODUCER_FATAL`` error and sending again what it did not deliver."""
         for renewal in range(PRODUCER_RENEWALS + 1):
             producer = self.producer
             assert producer is not None
@@ -575,7 +673,11 @@ class AlertService:
         self.offsets.clear()
         topic = self.settings.topics.events
         marks = {(topic, p): w for p, w in self.engine.clock.snapshot().items()}
-        write = self._write_checkpoint(rows, blobs, offsets, marks)
+        own = self.ownership
+        held = [] if own is None else \
+            [(topic, p) for p in sorted(own.events)] + \
+            [(self.settings.topics.alerts_scoped, p) for p in sorted(own.scope)]
+        write = self._write_checkpoint(rows, blobs, offsets, marks, (self._claim, held))
         if force:
             await write
         else:
@@ -583,12 +685,15 @@ class AlertService:
 
     async def _write_checkpoint(self, rows: list, blobs: list,  # type: ignore[type-arg]
                                 offsets: dict[tuple[str, int], int],
-                                marks: dict[tuple[str, int], int]) -> None:
+                                marks: dict[tuple[str, int], int],
+                                owner: tuple[str, list[tuple[str, int]]]) -> None:
         assert self.store and self.consumer and self.engine
         try:
-            await self.store.checkpoint(self.group, rows, offsets, blobs, marks)
+            await self.store.checkpoint(self.group, rows, offsets, blobs, marks, owner)
         except Exception as exc:
-            if classify(exc) is Fault.AWAY:
+            if isinstance(exc, Fenced):  # our revocation is on its way: it drops all this
+                log.warning("checkpoint refused: %s", exc)
+            elif classify(exc) is Fault.AWAY:
                 log.warning("checkpoint not written, database away (%s); everything goes "
                             "into the next one", type(exc).__name__)
             else:
@@ -604,6 +709,82 @@ class AlertService:
             with contextlib.suppress(Exception):
                 await self.consumer.commit(commit)
 
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Partitions leave: checkpoint everything (their state as of their last record),
+        then forget what belonged to them, so nothing stale is judged or written again:
+        their next owner loads it from this checkpoint (``on_assigned``)."""
+        if not revoked or self.engine is None or self.ownership is None:
+            return
+        async with self._batch_lock:
+            await self.checkpoint(force=True)
+            events, scope = self._split(revoked)
+            own = self.ownership
+            self.engine.drop(events, scope)
+            own.events -= events
+            own.scope -= scope
+            for tp in revoked:
+                self.offsets.pop((tp.topic, tp.partition), None)
+                if tp.topic == self.settings.topics.events:
+                    self._position.pop(tp.partition, None)
+            log.info("partitions revoked", extra={"fields": {
+                "events": sorted(events), "scoped": sorted(scope)}})
+
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Partitions arrive: load their state as their previous owner checkpointed it
+        (per-sensor state with the events partition of its sensor, scope state with its
+        scope partition), their watermarks, and seek to the offsets stored with it.
+
+        The partitions count as owned only once all of that is done. If it fails for a
+        reason other than a lost database (which ``_db`` waits out), the loop ends the
+        service: judging them without their state, or never, would both be wrong, and a
+        restart (the runtime's job) loads them again."""
+        assert self.consumer and self.store and self.engine and self.ownership
+        async with self._batch_lock:
+            try:
+                await self._take_over(assigned)
+            except _Stopped:
+                raise
+            except Exception as exc:
+                log.exception("loading the state of assigned partitions failed")
+                self._fatal = exc
+
+    async def _take_over(self, assigned: list[TopicPartition]) -> None:
+        assert self.consumer and self.store and self.engine and self.ownership
+        s, own, store, engine = self.settings, self.ownership, self.store, self.engine
+        own.set_counts(len(self.consumer.partitions_for_topic(s.topics.events) or ()),
+                       len(self.consumer.partitions_for_topic(s.topics.alerts_scoped) or ()))
+        events, scope = self._split(assigned)
+        engine.assigned(events)
+        parts = [(tp.topic, tp.partition) for tp in assigned]
+        # Claimed before loading: a previous owner's late checkpoint is refused from now on,
+        # or (if it is being written) lands first and is what we load. Partitions still
+        # held from before are claimed again with the new claim.
+        held = [(s.topics.events, p) for p in own.events] + \
+            [(s.topics.alerts_scoped, p) for p in own.scope]
+        claim = uuid.uuid4().hex
+        await self._db(partial(store.claim, self.group, claim, parts + held))
+        self._claim = claim
+        restored = engine.restore(await self._db(partial(store.load_state, parts)),
+                                  events, scope)
+        if events:
+            restored += engine.restore_blobs(
+                await self._db(partial(store.load_blobs, sorted(events))), events)
+            marks = await self._db(partial(store.load_watermarks, self.group,
+                                           s.topics.events))
+            engine.clock.restore({p: w for p, w in marks.items() if p in events},
+                                 int(time.time() * 1000))
+        await self.seek_to_checkpoint(assigned)
+        own.events |= events
+        own.scope |= scope
+        log.info("partitions assigned", extra={"fields": {
+            "events": sorted(events), "scoped": sorted(scope), "restored": restored}})
+
+    def _split(self, tps: list[TopicPartition]) -> tuple[set[int], set[int]]:
+        """(events partitions, scope partitions) of ``tps``."""
+        t = self.settings.topics
+        return ({tp.partition for tp in tps if tp.topic == t.events},
+                {tp.partition for tp in tps if tp.topic == t.alerts_scoped})
+
     async def seek_to_checkpoint(self, assigned: list[TopicPartition]) -> None:
         assert self.store and self.consumer
         stored = await self._db(partial(self.store.load_offsets, self.group))
@@ -614,7 +795,19 @@ class AlertService:
                 if tp.topic == self.settings.topics.events:
                     self._position[tp.partition] = off
             else:  # first time this group owns it: pin where we start, so a restart resumes
+                if tp.topic == self.settings.topics.alerts_scoped:
+                    await self._seek_back(tp)
                 pos = self.offsets[(tp.topic, tp.partition)] = await self.consumer.position(tp)
                 if tp.topic == self.settings.topics.events:
                     self._position[tp.partition] = pos
         self.assigned = True
+
+    async def _seek_back(self, tp: TopicPartition) -> None:
+        """A scope partition this group never read starts ``SCOPE_LOOKBACK_MS`` back, not
+        at its end: in a new group, another worker may publish inputs to it before this
+        worker has resolved its position, and those would be skipped."""
+        assert self.consumer
+        since = int(time.time() * 1000) - SCOPE_LOOKBACK_MS
+        found = (await self.consumer.offsets_for_times({tp: since})).get(tp)
+        if found is not None:
+            self.consumer.seek(tp, found.offset)

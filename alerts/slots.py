@@ -13,6 +13,7 @@ deltas that base replaces. Restoring is the base, then the deltas in order.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ class SlotArrays:
         self.dirty = np.zeros(64, bool)
         self.changed = False
         self.full = True  # nothing written yet: the first checkpoint is a base
+        self.full_parts: set[int] = set()  # partitions whose next write must be a base
         self.deltas = 0
 
     def ensure(self) -> None:
@@ -69,17 +71,51 @@ class SlotArrays:
 
     def take(self) -> tuple[bytes, bool] | None:
         """What changed since the last call, as (blob, is_full); None when nothing did."""
-        if not self.changed and not self.full:
-            return None
+        got = self.take_parts(None)
+        return None if not got else (got[0][1], got[0][2])
+
+    def take_parts(self, parts: np.ndarray | None, owned: set[int] | None = None
+                   ) -> list[tuple[int, bytes, bool]]:
+        """What changed since the last call, one (partition, blob, is_full) per partition.
+
+        ``parts``: the events partition of each code (``Ownership.parts_of``); None: one
+        blob for every row, as partition -1 (a single worker that owns everything). Only
+        ``owned`` partitions are written: rows of other partitions belong to another
+        worker's checkpoint, and writing them would clobber it."""
         self.ensure()
         n = len(self.index.ids)
-        full = self.full or self.deltas >= FULL_EVERY
-        codes = np.arange(n) if full else np.flatnonzero(self.dirty[:n])
+        if parts is None:
+            parts = np.full(n, -1, np.int32)
+            owned = {-1}
+        assert owned is not None
+        if not owned:  # nothing is ours yet (before the first assignment): keep it all
+            return []
+        every = self.full or self.deltas >= FULL_EVERY
+        dirty = self.dirty[:n]
+        out: list[tuple[int, bytes, bool]] = []
+        for p in sorted(owned):
+            in_p = parts[:n] == p
+            full = every or p in self.full_parts
+            if not full and not (dirty & in_p).any():
+                continue
+            codes = np.flatnonzero(in_p if full else dirty & in_p)
+            out.append((p, self.to_bytes(codes), full))
         self.dirty[:] = False
         self.changed = False
         self.full = False
-        self.deltas = 0 if full else self.deltas + 1
-        return self.to_bytes(codes), full
+        self.full_parts.clear()
+        self.deltas = 0 if every else self.deltas + 1
+        return out
+
+    def drop(self, codes: np.ndarray) -> None:
+        """Forget these rows (their partition moved to another worker): back to zeros,
+        which every array set reads as "no state"."""
+        if codes.size == 0:
+            return
+        self.ensure()
+        for a in self.arr.values():
+            a[codes] = 0
+        self.dirty[codes] = False
 
     def to_bytes(self, codes: np.ndarray) -> bytes:
         """The given rows as one .npz: their sensor ids and each array, no pickling."""
@@ -89,14 +125,19 @@ class SlotArrays:
         np.savez(buf, __keys__=keys, **{name: a[codes] for name, a in self.arr.items()})
         return buf.getvalue()
 
-    def load_bytes(self, data: bytes) -> None:
-        """Apply a base or a delta (rows by sensor id; ids new to this process are added)."""
+    def load_bytes(self, data: bytes,
+                   keep: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """Apply a base or a delta (rows by sensor id; ids new to this process are added);
+        returns the codes applied. ``keep``: gives a mask over the codes: which rows to apply
+        (a pre-partitioning blob holds every worker's sensors)."""
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             keys = z["__keys__"]
             codes = np.array([self.index.code(k.decode() if isinstance(k, bytes) else str(k))
                               for k in keys.tolist()], np.int64)
             self.ensure()
+            sel = np.ones(codes.size, bool) if keep is None else keep(codes)
             for name, _ in self.FIELDS:
                 if name in z.files:
-                    self.arr[name][codes] = z[name]
+                    self.arr[name][codes[sel]] = z[name][sel]
         self.full = False
+        return codes[sel]  # type: ignore[no-any-return]

@@ -111,6 +111,10 @@ def _runs(signals: list[Signal]) -> Iterator[list[Signal]]:
         yield run
 
 
+class Fenced(Exception):
+    """A checkpoint refused: another worker owns some of the partitions it covers now."""
+
+
 class AlertStore:
     # ``_last_update`` is pruned once it holds this many keys (then at twice what survived)
     FORGET_AT = 1024
@@ -288,11 +292,13 @@ class AlertStore:
                 since = r["escalated_at"] or r["raised_at"]
                 if now_ms - _ms(since) < after * 1000:  # type: ignore[operator]
                     continue
+                # conditional on the level seen: with N workers escalating, one wins
                 row = await conn.fetchrow(
                     "update alerts set escalation_level = escalation_level + 1, "
                     " escalated_at = now(), updated_at = now(), version = version + 1 "
-                    "where alert_id = $1 and state = 'active' and not acknowledged returning *",
-                    r["alert_id"])
+                    "where alert_id = $1 and state = 'active' and not acknowledged "
+                    "and escalation_level = $2 returning *",
+                    r["alert_id"], r["escalation_level"])
                 if row is not None:
                     changes.append(await self._record(
                         conn, row, "escalated", SYSTEM, now_ms,
@@ -395,44 +401,79 @@ class AlertStore:
                                         window_id)) == "DELETE 1"
 
     # --- checkpoints --------------------------------------------------------------------------
+    async def claim(self, group: str, owner: str, parts: Sequence[tuple[str, int]]) -> None:
+        """Make ``owner`` the holder of these (topic, partition)s of ``group``: from now on
+        a checkpoint of any previous holder that covers them is refused (``Fenced``)."""
+        if parts:
+            await self.pool.execute(
+                "insert into alert_partition_owners (grp, topic, partition, owner) "
+                "select $1, u.t, u.p, $4 from unnest($2::text[], $3::int[]) as u(t, p) "
+                "on conflict (grp, topic, partition) do update set owner = excluded.owner, "
+                "claimed_at = now()", group, [t for t, _ in parts], [p for _, p in parts],
+                owner)
+
     async def checkpoint(self, group: str,
-                         state: Iterable[tuple[str, str, str, dict[str, Any] | None]],
+                         state: Iterable[tuple[Any, ...]],
                          offsets: dict[tuple[str, int], int],
-                         blobs: Iterable[tuple[str, str, bytes, bool]] = (),
-                         watermarks: dict[tuple[str, int], int] | None = None) -> None:
+                         blobs: Iterable[tuple[str, str, int, bytes, bool]] = (),
+                         watermarks: dict[tuple[str, int], int] | None = None,
+                         owner: tuple[str, Sequence[tuple[str, int]]] | None = None) -> None:
         """Rule state and the offsets it reflects, atomically: a restart resumes exactly here.
 
-        ``blobs`` are (rule id, hash, blob, is_full): a full one replaces the rule's base and
-        drops its deltas, the others are appended (``alerts.slots``). ``watermarks`` go on
-        the offset rows of their partitions (``alerts.watermark``).
+        ``state`` rows are (rule id, hash, key, state or None, topic, partition): the
+        partition whose owner holds the key (``alerts.scope``). ``blobs`` are (rule id,
+        hash, events partition, blob, is_full): a full one replaces the base of that
+        (rule, partition) and drops its deltas, the others are appended (``alerts.slots``);
+        other partitions' rows, another worker's, are not touched. ``watermarks`` go on
+        the offset rows of their partitions (``alerts.watermark``). ``owner``: (this
+        worker's claim, the partitions it holds): nothing is written unless every one of
+        them is still claimed by it (``claim``; the rows are share-locked, so a claim by
+        the next owner waits for this transaction and then loads what it wrote).
         """
-        rows = list(state)
+        rows = [r if len(r) == 6 else (*r, "", -1) for r in state]
         async with self.pool.acquire() as conn, conn.transaction():
-            dead = [(r, k) for r, _, k, st in rows if st is None]
-            live = [(r, h, k, st) for r, h, k, st in rows if st is not None]
+            if owner is not None and owner[1]:
+                token, held = owner
+                mine = len(await conn.fetch(
+                    "select o.partition from alert_partition_owners o join unnest($2::text[], "
+                    "$3::int[]) as h(topic, partition) using (topic, partition) "
+                    "where o.grp = $1 and o.owner = $4 for share of o", group,
+                    [t for t, _ in held], [p for _, p in held], token))
+                if mine != len(held):
+                    raise Fenced(f"{len(held) - mine} of the {len(held)} partitions this "
+                                 "worker holds were claimed by another worker")
+            dead = [(r[0], r[2]) for r in rows if r[3] is None]
+            live = [r for r in rows if r[3] is not None]
             if dead:
                 await conn.executemany("delete from alert_rule_state where rule_id = $1 and "
                                        "key = $2", dead)
             if live:  # one statement for thousands of keys
                 await conn.execute(
-                    "insert into alert_rule_state (rule_id, rule_hash, key, state) "
-                    "select * from unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) "
+                    "insert into alert_rule_state (rule_id, rule_hash, key, state, topic, "
+                    " partition) select * from unnest($1::text[], $2::text[], $3::text[], "
+                    " $4::jsonb[], $5::text[], $6::int[]) "
                     "on conflict (rule_id, key) do update set rule_hash = excluded.rule_hash, "
-                    "state = excluded.state, updated_at = now()",
+                    "state = excluded.state, topic = excluded.topic, "
+                    "partition = excluded.partition, updated_at = now()",
                     *(list(col) for col in zip(*live, strict=True)))
             blob_rows = list(blobs)
-            bases = [(r, h, b) for r, h, b, full in blob_rows if full]
-            deltas = [(r, h, b) for r, h, b, full in blob_rows if not full]
+            bases = [(r, p, h, b) for r, h, p, b, full in blob_rows if full]
+            deltas = [(r, p, h, b) for r, h, p, b, full in blob_rows if not full]
             if bases:
-                await conn.execute("delete from alert_rule_blob_deltas "
-                                   "where rule_id = any($1::text[])", [r for r, _, _ in bases])
+                await conn.execute(
+                    "delete from alert_rule_part_blob_deltas d using unnest($1::text[], "
+                    "$2::int[]) as u(rule_id, partition) "
+                    "where d.rule_id = u.rule_id and d.partition = u.partition",
+                    [r for r, *_ in bases], [p for _, p, *_ in bases])
                 await conn.executemany(
-                    "insert into alert_rule_blobs (rule_id, rule_hash, blob) values ($1,$2,$3) "
-                    "on conflict (rule_id) do update set rule_hash = excluded.rule_hash, "
-                    "blob = excluded.blob, updated_at = now()", bases)
+                    "insert into alert_rule_part_blobs (rule_id, partition, rule_hash, blob) "
+                    "values ($1,$2,$3,$4) on conflict (rule_id, partition) do update set "
+                    "rule_hash = excluded.rule_hash, blob = excluded.blob, "
+                    "updated_at = now()", bases)
             if deltas:
-                await conn.executemany("insert into alert_rule_blob_deltas (rule_id, "
-                                       "rule_hash, blob) values ($1,$2,$3)", deltas)
+                await conn.executemany("insert into alert_rule_part_blob_deltas (rule_id, "
+                                       "partition, rule_hash, blob) values ($1,$2,$3,$4)",
+                                       deltas)
             if offsets:
                 await conn.executemany(
                     "insert into alert_consumer_offsets (grp, topic, partition, next_offset) "
@@ -448,16 +489,43 @@ class AlertStore:
                     list(watermarks.values()))
         CHECKPOINTS.inc()
 
-    async def load_state(self) -> list[tuple[str, str, str, dict[str, Any]]]:
-        rows = await self.pool.fetch("select rule_id, rule_hash, key, state from alert_rule_state")
-        return [(r["rule_id"], r["rule_hash"], r["key"], r["state"]) for r in rows]
+    async def load_state(self, parts: Sequence[tuple[str, int]] | None = None
+                         ) -> list[tuple[str, str, str, dict[str, Any], str, int]]:
+        """Per-key state rows of the given (topic, partition)s (None: all), and the rows
+        written before partitioning (partition -1: the engine keeps those it owns)."""
+        sql = ("select rule_id, rule_hash, key, state, topic, partition from alert_rule_state")
+        if parts is None:
+            rows = await self.pool.fetch(sql)
+        else:
+            rows = await self.pool.fetch(
+                sql + " where partition = -1 or (topic, partition) in "
+                "(select * from unnest($1::text[], $2::int[]))",
+                [t for t, _ in parts], [p for _, p in parts])
+        return [(r["rule_id"], r["rule_hash"], r["key"], r["state"], r["topic"],
+                 r["partition"]) for r in rows]
 
-    async def load_blobs(self) -> list[tuple[str, str, bytes]]:
-        """Every rule's base, then the deltas written since, in the order written."""
-        rows = await self.pool.fetch("select rule_id, rule_hash, blob from alert_rule_blobs")
-        rows += await self.pool.fetch("select rule_id, rule_hash, blob from "
-                                      "alert_rule_blob_deltas order by seq")
-        return [(r["rule_id"], r["rule_hash"], bytes(r["blob"])) for r in rows]
+    async def load_blobs(self, partitions: Sequence[int] | None = None
+                         ) -> list[tuple[str, str, int, bytes]]:
+        """(rule id, hash, partition, blob): each (rule, partition)'s base, then the deltas
+        written since, in the order written, for the given events partitions (None: all).
+        A rule with no partitioned base there yet gets its pre-partitioning blobs first, as
+        partition -1 (the engine keeps the sensors of those partitions and writes them as
+        partitioned bases at its next checkpoint)."""
+        where, args = ("", []) if partitions is None else \
+            (" where partition = any($1::int[])", [list(partitions)])
+        # older than any partitioned row of the same rule and partition: applied first
+        legacy = ("select rule_id, rule_hash, -1 as partition, blob from {} l where not "
+                  "exists (select 1 from alert_rule_part_blobs b where b.rule_id = l.rule_id"
+                  + (" and b.partition = any($1::int[])" if args else "") + ")")
+        rows = await self.pool.fetch(legacy.format("alert_rule_blobs"), *args)
+        rows += await self.pool.fetch(legacy.format("alert_rule_blob_deltas") + " order by seq",
+                                      *args)
+        rows += await self.pool.fetch("select rule_id, rule_hash, partition, blob from "
+                                      "alert_rule_part_blobs" + where, *args)
+        rows += await self.pool.fetch("select rule_id, rule_hash, partition, blob from "
+                                      "alert_rule_part_blob_deltas" + where + " order by seq",
+                                      *args)
+        return [(r["rule_id"], r["rule_hash"], r["partition"], bytes(r["blob"])) for r in rows]
 
     async def load_watermarks(self, group: str, topic: str) -> dict[int, int]:
         rows = await self.pool.fetch("select partition, watermark_ms from "

@@ -76,13 +76,30 @@ class Watermarks:
         """Which partition each sensor's events come from (the last one seen wins)."""
         if codes.size == 0:
             return
-        need = int(codes.max()) + 1
+        self._grow(int(codes.max()) + 1)
+        if partitions is not None:
+            self.part[codes] = partitions
+
+    def settle(self, codes: np.ndarray, partition: int) -> None:
+        """Sensors whose checkpointed state came from ``partition``: that is their
+        partition until their own events say otherwise."""
+        if codes.size == 0:
+            return
+        self._grow(int(codes.max()) + 1)
+        codes = codes[self.part[codes] < 0]
+        self.part[codes] = partition
+
+    def forget(self, partitions: set[int]) -> None:
+        """Partitions that moved to another worker: their clocks go with them."""
+        for p in partitions:
+            for d in (self.wm, self.newest, self.last_record):
+                d.pop(p, None)
+
+    def _grow(self, need: int) -> None:
         if need > self.part.size:
             grown = np.full(max(need, 2 * self.part.size), -1, np.int32)
             grown[: self.part.size] = self.part
             self.part = grown
-        if partitions is not None:
-            self.part[codes] = partitions
 
     # --- judging side -----------------------------------------------------------------------
     def lowest(self) -> int:
@@ -91,15 +108,15 @@ class Watermarks:
 
     def of_codes(self, codes: np.ndarray) -> np.ndarray:
         """The watermark of each sensor's partition (NONE where there is none yet)."""
-        n = max(self.wm) + 1 if self.wm else 0
+        parts = np.full(codes.size, -1, np.int64)
+        known = codes < self.part.size
+        parts[known] = self.part[codes[known]]
+        n = max(max(self.wm) + 1 if self.wm else 0, int(parts.max()) + 1 if parts.size else 0)
         lut = np.full(n + 1, NONE, np.int64)  # the last slot: partition -1
         for p, w in self.wm.items():
             lut[p] = w
         lut[n] = self.lowest()
-        parts = np.full(codes.size, -1, np.int64)
-        known = codes < self.part.size
-        parts[known] = self.part[codes[known]]
-        return lut[np.where(parts < 0, n, np.minimum(parts, n))]
+        return lut[np.where(parts < 0, n, parts)]
 
     # --- checkpoint -------------------------------------------------------------------------
     def snapshot(self) -> dict[int, int]:

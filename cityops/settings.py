@@ -78,9 +78,12 @@ class Topics:
     deadletter: str = "cityops.deadletter"
     aggregates: str = "cityops.aggregates"
     alerts: str = "cityops.alerts"
+    # internal to the alerts workers: the inputs of rules spanning sensors, keyed by scope
+    # (``alerts.scope``); as many partitions as the events topic
+    alerts_scoped: str = "cityops.alerts.scoped"
 
     def all(self) -> tuple[str, ...]:
-        return (self.events, self.deadletter, self.aggregates, self.alerts)
+        return (self.events, self.deadletter, self.aggregates, self.alerts, self.alerts_scoped)
 
 
 @dataclass(frozen=True, slots=True)

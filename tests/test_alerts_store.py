@@ -115,3 +115,25 @@ async def test_active_can_be_limited_to_rules(pool: asyncpg.Pool) -> None:
     got = {(x.rule_id, x.source) for x in await store.active([other])}
     assert (other, b) in got and all(r == other for r, _ in got)
     assert {(RULE, a), (other, b)} <= {(x.rule_id, x.source) for x in await store.active()}
+
+
+async def test_a_checkpoint_of_a_worker_whose_partitions_were_claimed_is_refused(
+        pool: asyncpg.Pool) -> None:
+    """Two alerts workers: the one that lost a partition without hearing of it (stuck past
+    the rebalance timeout) must not overwrite what its successor checkpoints."""
+    from alerts.store import Fenced
+
+    store = AlertStore(pool)
+    group, held = f"fence-{uuid.uuid4().hex[:6]}", [("ev", 0), ("sc", 0)]
+    row = (RULE, "h", src("fence"), {"n": 1}, "ev", 0)
+    await store.claim(group, "old", held)
+    await store.checkpoint(group, [row], {("ev", 0): 10}, owner=("old", held))
+    await store.claim(group, "new", held[:1])  # the successor took events partition 0
+    with pytest.raises(Fenced):
+        await store.checkpoint(group, [(*row[:3], {"n": 2}, *row[4:])], {("ev", 0): 5},
+                               owner=("old", held))
+    assert (await store.load_offsets(group))[("ev", 0)] == 10
+    got = [r for r in await store.load_state([("ev", 0)]) if r[2] == row[2]]
+    assert got[0][3] == {"n": 1}
+    await store.checkpoint(group, [], {("ev", 0): 12}, owner=("new", held[:1]))
+    assert (await store.load_offsets(group))[("ev", 0)] == 12

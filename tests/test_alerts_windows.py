@@ -161,19 +161,19 @@ def test_checkpoints_write_only_the_changed_rows_and_restore_base_plus_deltas() 
     e = engine()
     many = [_security(f"cam-{i}", T0 + i) for i in range(2000)]
     feed(e, many)
-    base = {rid: (blob, full) for rid, _, blob, full in e.snapshot_blobs()}
+    base = {rid: (blob, full) for rid, _, _, blob, full in e.snapshot_blobs()}
     assert base["offline"][1] is True  # the first write of a rule is a base
     assert e.snapshot_blobs() == []  # nothing changed since
     feed(e, [_security("cam-3", T0 + 40_000), _security("cam-9", T0 + 40_000)])
     rows = e.snapshot_blobs()
-    delta = {rid: (blob, full) for rid, _, blob, full in rows}
+    delta = {rid: (blob, full) for rid, _, _, blob, full in rows}
     assert delta["offline"][1] is False
     assert len(delta["offline"][0]) < len(base["offline"][0]) / 20
     # a new process restores base then delta: the same state
     again = engine()
-    hashes = {rid: h for rid, h, _, _ in rows}
-    again.restore_blobs([("offline", hashes["offline"], base["offline"][0]),
-                         ("offline", hashes["offline"], delta["offline"][0])])
+    hashes = {rid: h for rid, h, *_ in rows}
+    again.restore_blobs([("offline", hashes["offline"], -1, base["offline"][0]),
+                         ("offline", hashes["offline"], -1, delta["offline"][0])])
     for sid in ("cam-3", "cam-9", "cam-100"):
         a = e.evaluators["offline"].arrays  # type: ignore[attr-defined]
         b = again.evaluators["offline"].arrays  # type: ignore[attr-defined]
@@ -182,7 +182,7 @@ def test_checkpoints_write_only_the_changed_rows_and_restore_base_plus_deltas() 
     fulls = 0
     for k in range(FULL_EVERY + 1):
         feed(e, [_security("cam-5", T0 + 50_000 + k)])
-        fulls += sum(full for rid, _, _, full in e.snapshot_blobs() if rid == "offline")
+        fulls += sum(full for rid, *_, full in e.snapshot_blobs() if rid == "offline")
     assert fulls == 1
 
 
@@ -190,7 +190,7 @@ def test_open_windows_survive_a_restart() -> None:
     e = engine()
     s = "lane-3"
     feed(e, [make_event(s, T0 + 5_000, speed_kmh=4.0)])
-    blobs = [(rid, h, blob) for rid, h, blob, _ in e.snapshot_blobs()]
+    blobs = [(rid, h, p, blob) for rid, h, p, blob, _ in e.snapshot_blobs()]
     again = engine()
     assert again.restore_blobs(blobs) >= 1
     again.clock.restore(e.clock.snapshot(), T0 + 600_000)
