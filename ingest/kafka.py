@@ -45,6 +45,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -55,8 +56,17 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 
 from cityops.settings import Settings
-from ingest.contract import DeadLetter, Event, encode_batch, encode_deadletter, encode_event
+from ingest.contract import (
+    DeadLetter,
+    Event,
+    Incident,
+    encode_batch,
+    encode_columns,
+    encode_deadletter,
+    encode_event,
+)
 from ingest.metrics import KAFKA_SEND_SECONDS
+from ingest.normalize import METRIC_NAMES, Normalized
 
 log = logging.getLogger("cityops.ingest.kafka")
 # Errors after which this producer id can never succeed again: renew the client.
@@ -117,6 +127,65 @@ def v2_records(events: list[Event], origin: list[int], keys: dict[int, str],
             slots[k][1].append(group[0])
     return [OutRecord(key, encode_batch(group), group[0].receive_time, p)
             for key, group, p in slots]
+
+
+def v2_records_of(out: Normalized,
+                  partition_of: Callable[[str], int] | None = None) -> list[OutRecord]:
+    """Contract v2 straight from the normalizer's columns: what ``v2_records`` makes of
+    the same rows as events, byte for byte (tested), without an ``Event`` per reading.
+
+    Records are assigned with numpy: a message with several rows is a record of its
+    own; with ``partition_of``, the messages of one row share one record per partition
+    (at most ``COALESCE_MAX_ROWS`` rows each), keyed by its first message's key and
+    produced to that partition explicitly. Records leave in the order of their first
+    message. The only Python per message is the key's partition (a dict hit).
+    """
+    if len(out) == 0:
+        return []
+    msgs, first_row, per_msg = np.unique(out.row_msg, return_index=True, return_counts=True)
+    keys = [out.keys[m] for m in msgs.tolist()]
+    # A group label per message: its own (a negative, unique), or (partition, chunk).
+    label = -1 - np.arange(msgs.size, dtype=np.int64)
+    single = per_msg == 1 if partition_of is not None else np.zeros(msgs.size, bool)
+    parts = np.full(msgs.size, -1, np.int64)
+    if single.any():
+        at = np.flatnonzero(single)
+        p = np.fromiter(map(partition_of, [keys[i] for i in at.tolist()]),  # type: ignore[arg-type]
+                        np.int64, at.size)
+        parts[at] = p
+        order = np.argsort(p, kind="stable")
+        sorted_p = p[order]
+        start = np.searchsorted(sorted_p, sorted_p)  # first of its partition
+        rank = np.empty(at.size, np.int64)
+        rank[order] = np.arange(at.size) - start
+        label[at] = p * (1 + at.size // COALESCE_MAX_ROWS) + rank // COALESCE_MAX_ROWS
+    _, group_first, msg_group = np.unique(label, return_index=True, return_inverse=True)
+    # Records in the order of their first message.
+    record_order = np.argsort(group_first, kind="stable")
+    record_of_group = np.empty(record_order.size, np.int64)
+    record_of_group[record_order] = np.arange(record_order.size)
+    msg_record = record_of_group[msg_group.reshape(-1)]
+    lead = group_first[record_order]  # per record: its first message (position in msgs)
+    nrec = lead.size
+    row_record = np.repeat(msg_record, per_msg)  # rows are in message order
+    incident = out.incident_rows
+    incidents: list[list[Incident]] = [[] for _ in range(nrec)]
+    for j in np.flatnonzero(incident).tolist():
+        incidents[int(row_record[j])].append(out.incident(j))
+    cols = out.take(np.flatnonzero(~incident)) if incident.any() else out
+    rec = row_record[~incident] if incident.any() else row_record
+    order = np.argsort(rec, kind="stable")  # rows grouped by record, arrival order kept
+    if not np.array_equal(order, np.arange(order.size)):
+        cols = cols.take(order)
+        rec = rec[order]
+    values = encode_columns(
+        nrec, rec, cols.row_sensor, [s.sensor_id for s in cols.sensors],
+        [s.vendor for s in cols.sensors], cols.row_time, cols.row_receive, cols.row_interval,
+        cols.row_quality, cols.row_count, cols.metric, METRIC_NAMES, cols.value, incidents)
+    stamp = out.row_receive[first_row[lead]].tolist()
+    lead_l = lead.tolist()
+    return [OutRecord(keys[m], v, ts, None if not single[m] else int(parts[m]))
+            for m, v, ts in zip(lead_l, values, stamp, strict=True)]
 
 
 class EventProducer:

@@ -149,8 +149,9 @@ class Normalized:
         return int(self.row_time.size)
 
     def take(self, rows: npt.NDArray[np.int64]) -> Normalized:
-        """Only ``rows`` (ascending positions) and their readings; the rest as is."""
-        if rows.size == len(self):
+        """Only ``rows`` (positions, in the order given) and their readings; the rest
+        (sensor table, dead letters, keys) as is."""
+        if rows.size == len(self) and np.array_equal(rows, np.arange(rows.size)):
             return self
         start = np.cumsum(self.row_count) - self.row_count
         count = self.row_count[rows]
