@@ -446,19 +446,31 @@ def _first_seen_local(group: npt.NDArray[np.int64], code: npt.NDArray[np.int64],
     of its code among its group's distinct codes in first-seen order; the distinct codes
     of all groups in that order (group after group); and how many each group has. This
     is what ``batch_of``'s ``dict.setdefault`` per event computes, for every record at
-    once.
+    once. (group, code) pairs index a dense table when it is small (the usual case: a
+    batch's records times its sensors or metrics), else they are found with a sort.
     """
-    if code.size == 0:
+    n = code.size
+    if n == 0:
         return (np.empty(0, np.int64), np.empty(0, np.int64), np.zeros(ngroups, np.int64))
     key = group * ncodes + code
-    uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")  # distinct pairs, first-seen, group by group
+    size = ngroups * ncodes
+    if size <= 4 * n + 4096:
+        first = np.full(size, n, np.int64)
+        np.minimum.at(first, key, np.arange(n, dtype=np.int64))
+        present = np.flatnonzero(first < n)  # by key: group-major
+        distinct = present[np.argsort(first[present], kind="stable")]  # first-seen
+        pair_group = distinct // ncodes
+        per_group = np.bincount(pair_group, minlength=ngroups)
+        lut = np.empty(size, np.int64)
+        lut[distinct] = np.arange(distinct.size) - (np.cumsum(per_group) - per_group)[pair_group]
+        return lut[key], distinct % ncodes, per_group
+    uniq, first_at, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first_at, kind="stable")  # distinct pairs, first-seen, group by group
     rank = np.empty(order.size, np.int64)
     rank[order] = np.arange(order.size)
     pair_group = uniq // ncodes
     per_group = np.bincount(pair_group, minlength=ngroups)
-    start = np.cumsum(per_group) - per_group
-    local = rank - start[pair_group]
+    local = rank - (np.cumsum(per_group) - per_group)[pair_group]
     return local[inverse.reshape(-1)], (uniq % ncodes)[order], per_group
 
 

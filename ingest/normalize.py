@@ -167,8 +167,11 @@ class Normalized:
     @property
     def incident_rows(self) -> npt.NDArray[np.bool_]:
         """Per row: an incident (rare; it travels as an ``Incident`` struct in v2)."""
-        is_incident = np.array([k == _INCIDENT for k, _ in self.kinds], bool)
-        return is_incident[self.row_kind] if self.kinds else np.zeros(len(self), bool)
+        other = self.row_kind != 0  # code 0 is a plain reading: almost every row
+        if other.any():
+            is_incident = np.array([k == _INCIDENT for k, _ in self.kinds], bool)
+            return is_incident[self.row_kind]
+        return other
 
     @property
     def origin(self) -> list[int]:
@@ -293,7 +296,8 @@ class Normalizer:
         self._gateway = msgspec.json.Decoder(_Gateway)
         self._probe = msgspec.json.Decoder(_IdProbe | str)
         self._gateway_ids = msgspec.json.Decoder(_GatewayIds)
-        self._lo, self._hi, self._lo_tol, self._hi_tol = _bounds()
+        # Per metric code: lo, hi, lo - margin, hi + margin (``_bounds``), one row each.
+        self._bounds = np.stack(_bounds(), axis=1)
         self._shape_codes = _Codes()
         self.kinds: list[tuple[str, str | None]] = []  # grows: (kind, incident) per code
         self._kind_codes = _KindCodes(self.kinds)
@@ -594,50 +598,54 @@ class Normalizer:
         quality[ahead < -self.late_ms] |= Quality.LATE
         quality[ahead > CLOCK_SKEW_TOLERANCE_MS] |= Quality.CLOCK_SKEWED
         reading_row = np.repeat(np.arange(n), count)
-        lo, hi = self._lo[metric], self._hi[metric]
-        inside_tol = (value >= self._lo_tol[metric]) & (value <= self._hi_tol[metric])
-        out_of_range = np.flatnonzero(~inside_tol)  # NaN/inf fail this too
+        lo, hi, lo_tol, hi_tol = self._bounds[metric].T  # one gather for all four
+        inside_tol = (value >= lo_tol) & (value <= hi_tol)
         first_bad: dict[int, int] = {}  # row -> its first reading out of range
-        if out_of_range.size:
+        if not inside_tol.all():  # NaN/inf fail this too
+            out_of_range = np.flatnonzero(~inside_tol)
             bad_rows, at = np.unique(reading_row[out_of_range], return_index=True)
             first_bad = dict(zip(bad_rows.tolist(), out_of_range[at].tolist(), strict=True))
             why[bad_rows] = 4
         # One dead letter per item with any bad row, in row order.
-        bad = np.flatnonzero(why)
         bad_items: set[int] = set()
-        for j in bad.tolist():
-            k = int(owner[j])
-            if k in bad_items:
-                continue
-            bad_items.add(k)
-            rej = self._reason(int(why[j]), etime[j], ahead[j], interval[j],
-                               first_bad.get(j, -1), metric, value)
-            self._refuse(messages, item_rows[k][0], rej, dead, refused)
-        keep_row = np.ones(n, bool)
-        if bad_items:
-            keep_row[np.isin(owner, np.fromiter(bad_items, np.int64, len(bad_items)))] = False
+        if why.any():
+            for j in np.flatnonzero(why).tolist():
+                k = int(owner[j])
+                if k in bad_items:
+                    continue
+                bad_items.add(k)
+                rej = self._reason(int(why[j]), etime[j], ahead[j], interval[j],
+                                   first_bad.get(j, -1), metric, value)
+                self._refuse(messages, item_rows[k][0], rej, dead, refused)
         # Clamp what is past its bound by a little, in the rows that go on.
         outside = (value < lo) | (value > hi)
-        outside &= keep_row[reading_row]
+        if bad_items:
+            keep_row = ~np.isin(owner, np.fromiter(bad_items, np.int64, len(bad_items)))
+            keep_reading = keep_row[reading_row]
+            outside &= keep_reading
         if outside.any():
             value = np.where(outside, np.clip(value, lo, hi), value)
             quality[np.unique(reading_row[outside])] |= Quality.CLAMPED
-        kept = np.flatnonzero(keep_row)
-        keep_reading = keep_row[reading_row]
-        row_sensor = np.array(item_sensor, np.int64)[owner[kept]]
-        row_time = etime[kept].astype(np.int64)
-        row_kind = kind[kept]
-        row_msg = msg_of[kept]
+        row_sensor = np.array(item_sensor, np.int64)[owner]
+        row_msg = msg_of
+        if bad_items:  # the common case keeps every row: no copies then
+            kept = np.flatnonzero(keep_row)
+            row_sensor, row_msg, received, etime, interval, quality, kind, count = (
+                a[kept] for a in (row_sensor, row_msg, received, etime, interval, quality,
+                                  kind, count))
+            metric, value = metric[keep_reading], value[keep_reading]
+            owner = owner[kept]
+        row_time = etime.astype(np.int64)
         out = Normalized(
-            sensors, row_sensor, row_msg, row_time, received[kept],
-            interval[kept].astype(np.int64), quality[kept], row_kind,
-            self._keys(sensors, row_sensor, row_time, row_kind), count[kept],
-            metric[keep_reading], value[keep_reading], self.kinds)
+            sensors, row_sensor, row_msg, row_time, received, interval.astype(np.int64),
+            quality, kind, self._keys(sensors, row_sensor, row_time, kind), count, metric,
+            value, self.kinds)
         # Each message's Kafka key, from its first kept row's item.
-        first_items = owner[kept][np.unique(row_msg, return_index=True)[1]]
-        for k in first_items.tolist():
-            it = item_rows[k][0]
-            out.keys[it.msg] = it.gateway or it.sensor.gateway or it.sensor.sensor_id
+        if row_msg.size:
+            first = np.flatnonzero(np.concatenate(([True], row_msg[1:] != row_msg[:-1])))
+            for k in owner[first].tolist():
+                it = item_rows[k][0]
+                out.keys[it.msg] = it.gateway or it.sensor.gateway or it.sensor.sensor_id
         return out
 
     def _keys(self, sensors: list[Sensor], row_sensor: npt.NDArray[np.int64],
