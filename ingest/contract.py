@@ -65,6 +65,13 @@ was no faster where records are large, so it is not a dependency. A map, not a
 positional array: 8% more Kafka bytes for one-row records, none for gateways, and a
 reader can tell the fields apart and new optional fields can be added.
 
+Ingest encodes v2 straight from its columns (``encode_columns``, since issue 15): each
+record's name lists and index columns come from numpy over the whole batch, each
+column is a slice of one buffer, and no ``Event`` is built per reading. ``batch_of`` /
+``encode_batch`` encode the same bytes from v1 events (tests, tools, the v1 reader's
+counterpart); the two are tested byte-identical, which is what keeps the wire contract
+fixed while ingest's internals changed.
+
 ``v``             ``BATCH_VERSION`` (2).
 ``sensors``       the distinct sensor ids of the batch (registry ids); rows index it.
 ``vendors``       parallel to ``sensors``: the payload format each sensor's readings came in.

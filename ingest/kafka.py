@@ -25,10 +25,12 @@ order holds, since aiokafka keeps one batch in flight per partition.
 
 What goes on the events topic depends on ``ingest_contract_version`` (see
 ``ingest/contract.py``): ``v1_records`` makes one JSON event per record keyed by sensor
-id, ``v2_records`` one ``EventBatch`` per MQTT message keyed as ``Normalized.keys``
-says, and coalesces the messages of a single reading that one batch of MQTT messages
-(ingest's linger) holds into one record per partition. Either way a record goes to the
-partition murmur2 of its key picks, so a sensor's readings stay on one partition.
+id, ``v2_records_of`` (the service's path: from the normalizer's columns) or
+``v2_records`` (the same bytes from v1 events) one ``EventBatch`` per MQTT message keyed
+as ``Normalized.keys`` says, and coalesces the messages of a single reading that one
+batch of MQTT messages (ingest's linger) holds into one record per partition. Either
+way a record goes to the partition murmur2 of its key picks, so a sensor's readings stay
+on one partition.
 
 Compression defaults to zstd (``kafka_compression``): aiokafka compresses lz4 at level 9
 (LZ4-HC), measured here at ~370 MB/s, a tenth of ingest's CPU at full speed; zstd at

@@ -1,6 +1,6 @@
-"""Turn a batch of raw MQTT messages into contract events and dead letters.
+"""Turn a batch of raw MQTT messages into columns of readings and dead letters.
 
-``Normalizer.normalize`` is a pure function of the batch (the clock it uses is each
+``Normalizer.normalize_batch`` is a pure function of the batch (the clock it uses is each
 message's receive time), so tests and benchmarks drive it directly. The work is
 organised so that the per-payload Python is as thin as the formats allow:
 
@@ -8,13 +8,31 @@ organised so that the per-payload Python is as thin as the formats allow:
    the sensor id in the topic or element, looked up in the registry;
 2. decode each vendor's payloads in one msgspec call (``Adapter.decode_batch``);
 3. let each adapter map records to rows in contract units;
-4. check every row's event time and every measurement's physical range with numpy over
-   the whole batch (rows grouped by their measurement names into 2-D arrays);
-5. build events, or one ``DeadLetter`` per refused payload. A payload is refused whole
-   (all its rows), a gateway element alone: the rest of its gateway batch goes on, and
-   all refused elements of one gateway message make ONE dead letter (their count and
-   the first ``GATEWAY_REASONS_KEPT`` reasons): a 200 kB message of 100,000 bad
-   elements must not become 100,000 Kafka records.
+4. transpose the rows into columns (``Normalized``): per row a sensor index into the
+   batch's sensor table, event time, receive time, interval, quality, kind and a
+   duplicate-window key; per reading a metric code and a value;
+5. check every row's event time and every reading's physical range with numpy over the
+   whole batch (bounds gathered by metric code), and clamp or refuse. A payload is
+   refused whole (all its rows), a gateway element alone: the rest of its gateway batch
+   goes on, and all refused elements of one gateway message make ONE dead letter (their
+   count and the first ``GATEWAY_REASONS_KEPT`` reasons): a 200 kB message of 100,000
+   bad elements must not become 100,000 Kafka records.
+
+Why columns (issue 15, item 1): until then step 5 built one v1 ``Event`` struct per row
+(sixteen fields, a 32-hex event id hashed per reading), the duplicate window looked up
+each event id in Python sets, and the v2 encoder walked the events again to make the
+columns it sends. Now nothing per reading is built after the adapters: the window takes
+the rows' int64 keys (``ingest.dedup``), and ``ingest.kafka.v2_records_of`` encodes the
+v2 records straight from the arrays (``ingest.contract.encode_columns``), byte for byte
+what the event path made. ``Normalized.events`` still rebuilds v1 events from the
+columns, for ``ingest_contract_version = 1`` and tests; it is not the hot path.
+
+What stays Python per payload, and why: routing (a topic or gateway element names its
+sensor; the registry lookup and the ownership checks are per payload), the strict JSON
+checks, and the adapters' ``rows`` (each vendor's fields, units and optional parts differ,
+and msgspec hands back one struct per payload). For a gateway message that is per
+reading, and it is most of what ingest spends on one (``bench/ingest_normalize.py``).
+Everything from the rows on is C-level iteration and numpy over the batch.
 
 Before any of that, ``ingest.strict`` holds every payload to what msgspec lets through:
 UTF-8 everywhere, sane numbers, bounded nesting, no duplicate keys.
