@@ -6,11 +6,14 @@ what made v1 event ids equal: (sensor, event time, kind, incident).
 
 Since issue 15 the window works on int64 keys, a whole batch at a time (``keep_keys``),
 so the hot path builds no per-reading object: the normalizer packs each reading row's
-key from its sensor's registry index and its event time (``Normalizer`` explains why
-that packing is exact), and an incident's key is its event id's hash. Membership is
-``np.searchsorted`` into each bucket's sorted key array, and the batch's new keys are
-merged into the current bucket; duplicates inside one batch are found with
-``np.unique`` (the first occurrence is kept, as before).
+key from its sensor's registry index and its event time (``Normalizer._keys`` explains
+why that packing is exact), and an incident's key is its event id's hash. Each bucket is
+a set of ints: a batch with no duplicate (nearly every batch) costs one ``set`` of its
+keys and one C-level ``isdisjoint`` per bucket, then one ``update``; only a batch that
+has a duplicate walks its keys in Python to find which. Why not sorted arrays and
+``np.searchsorted`` / ``np.isin``: membership would be vectorized, but adding a batch to
+a sorted bucket copies the bucket (up to ``max_ids`` keys, megabytes, per batch), so the
+cost grows with the window; a set's cost per batch grows only with the batch.
 
 Memory stays bounded: keys live in a few time buckets; whole buckets expire with the
 window, and the oldest go early when the key count passes ``max_ids``.
@@ -27,7 +30,6 @@ import numpy.typing as npt
 from ingest.contract import Event
 
 BUCKETS = 4
-_EMPTY = np.empty(0, np.int64)
 
 
 def event_key(event_id: str) -> int:
@@ -36,56 +38,48 @@ def event_key(event_id: str) -> int:
     return -1 - (int(event_id[:16], 16) >> 1)
 
 
-def _member(sorted_keys: npt.NDArray[np.int64], keys: npt.NDArray[np.int64]
-            ) -> npt.NDArray[np.bool_]:
-    """``keys`` found in ``sorted_keys`` (ascending): one binary search per key, in C."""
-    if sorted_keys.size == 0:
-        return np.zeros(keys.size, bool)
-    at = np.searchsorted(sorted_keys, keys)
-    np.minimum(at, sorted_keys.size - 1, out=at)
-    return sorted_keys[at] == keys
-
-
 class DuplicateWindow:
     """Recently seen keys, bucketed by receive time."""
 
     def __init__(self, window_s: int, max_ids: int) -> None:
         self.bucket_ms = max(1, window_s * 1000 // BUCKETS)
         self.max_ids = max_ids
-        # (bucket number, its keys sorted ascending); the last one takes new keys
-        self._buckets: deque[list] = deque()
+        self._buckets: deque[tuple[int, set[int]]] = deque()
         self._size = 0
 
     def __len__(self) -> int:
         return self._size
 
-    def _current(self, now_ms: int) -> list:
+    def _current(self, now_ms: int) -> set[int]:
         key = now_ms // self.bucket_ms
         if not self._buckets or self._buckets[-1][0] < key:
-            self._buckets.append([key, _EMPTY])
+            self._buckets.append((key, set()))
         while self._buckets and (self._buckets[0][0] <= key - BUCKETS
                                  or (self._size > self.max_ids and len(self._buckets) > 1)):
-            self._size -= self._buckets.popleft()[1].size
-        return self._buckets[-1]
+            self._size -= len(self._buckets.popleft()[1])
+        return self._buckets[-1][1]
 
     def keep_keys(self, keys: npt.NDArray[np.int64], now_ms: int) -> npt.NDArray[np.int64]:
         """Positions (ascending) of the keys not seen before, remembering them: a key
         already in the window, or earlier in ``keys``, is a duplicate."""
-        keys = np.asarray(keys, np.int64)
         current = self._current(now_ms)
-        if keys.size == 0:
-            return _EMPTY
-        uniq, first = np.unique(keys, return_index=True)
-        fresh = np.ones(uniq.size, bool)
-        for _, seen in self._buckets:
-            fresh &= ~_member(seen, uniq)
-        new = uniq[fresh]
-        if new.size:
-            merged = np.concatenate((current[1], new))
-            merged.sort(kind="stable")  # two sorted runs: a merge
-            current[1] = merged
-            self._size += new.size
-        return np.sort(first[fresh])
+        batch = np.asarray(keys, np.int64).tolist()
+        fresh = set(batch)
+        if len(fresh) == len(batch) and all(seen.isdisjoint(fresh)
+                                            for _, seen in self._buckets):
+            current |= fresh
+            self._size += len(fresh)
+            return np.arange(len(batch), dtype=np.int64)
+        older = [seen for _, seen in self._buckets if seen is not current]
+        kept: list[int] = []
+        before = len(current)
+        for k, key in enumerate(batch):  # a batch with a duplicate: find which (rare)
+            if key in current or any(key in seen for seen in older):
+                continue
+            current.add(key)
+            kept.append(k)
+        self._size += len(current) - before
+        return np.array(kept, np.int64)
 
     # -- v1 events (tests and callers holding Events; the service uses keep_keys) -------
     def filter(self, events: list[Event], now_ms: int) -> tuple[list[Event], int]:

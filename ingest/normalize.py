@@ -301,7 +301,7 @@ class _Item:
 
 
 class Normalizer:
-    """Vendor payloads in, contract events and dead letters out (see module doc)."""
+    """Vendor payloads in, columns of readings and dead letters out (see module doc)."""
 
     def __init__(self, fleet: Fleet, settings: Settings) -> None:
         self.fleet = fleet
@@ -329,7 +329,7 @@ class Normalizer:
         self._time_bits = max(1, span).bit_length() + 2
         self._time_mask = (1 << self._time_bits) - 1
         self._code = {s.sensor_id: k for k, s in enumerate(fleet)}
-        if len(self._code) >= 1 << (63 - self._time_bits):
+        if self._time_bits > 62 or len(self._code) >= 1 << (63 - self._time_bits):
             raise SettingsError(f"{len(self._code)} sensors and a {span} ms time span do "
                                 f"not fit the duplicate window's 63-bit keys")
 
