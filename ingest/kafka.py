@@ -173,12 +173,13 @@ def v2_records_of(out: Normalized,
         msg_record.append(k)
     nrec = len(lead)
     row_record = np.repeat(np.array(msg_record, np.int64), per_msg)  # rows: message order
-    incident = out.incident_rows
     incidents: list[list[Incident]] = [[] for _ in range(nrec)]
-    for j in np.flatnonzero(incident).tolist():
-        incidents[int(row_record[j])].append(out.incident(j))
-    cols = out.take(np.flatnonzero(~incident)) if incident.any() else out
-    rec = row_record[~incident] if incident.any() else row_record
+    cols, rec = out, row_record
+    if out.row_kind.any():  # incidents are rare: they leave the columns as structs
+        incident = out.incident_rows
+        for j in np.flatnonzero(incident).tolist():
+            incidents[int(row_record[j])].append(out.incident(j))
+        cols, rec = out.take(np.flatnonzero(~incident)), row_record[~incident]
     if (rec[1:] < rec[:-1]).any():  # coalesced records interleave: group their rows
         order = np.argsort(rec, kind="stable")  # arrival order kept inside a record
         cols = cols.take(order)
