@@ -58,6 +58,7 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 
 from cityops.settings import Settings
+from ingest.columns import METRIC_NAMES, Normalized
 from ingest.contract import (
     DeadLetter,
     Event,
@@ -68,7 +69,6 @@ from ingest.contract import (
     encode_event,
 )
 from ingest.metrics import KAFKA_SEND_SECONDS
-from ingest.normalize import METRIC_NAMES, Normalized
 
 log = logging.getLogger("cityops.ingest.kafka")
 # Errors after which this producer id can never succeed again: renew the client.

@@ -55,6 +55,7 @@ from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings, SettingsError
 from ingest import metrics
 from ingest.backoff import Backoff, sleep_unless
+from ingest.columns import Normalized
 from ingest.contract import DeadLetter
 from ingest.dedup import DuplicateWindow
 from ingest.kafka import PRODUCER_FATAL, EventProducer, OutRecord, v1_records, v2_records_of
@@ -66,7 +67,7 @@ from ingest.mqtt import (
     session_client_id,
     subscriptions,
 )
-from ingest.normalize import Normalized, Normalizer
+from ingest.normalize import Normalizer
 
 log = logging.getLogger("cityops.ingest")
 # Batches between normalizing and acknowledging. Memory is bounded by the MQTT Receive
