@@ -25,10 +25,12 @@ order holds, since aiokafka keeps one batch in flight per partition.
 
 What goes on the events topic depends on ``ingest_contract_version`` (see
 ``ingest/contract.py``): ``v1_records`` makes one JSON event per record keyed by sensor
-id, ``v2_records`` one ``EventBatch`` per MQTT message keyed as ``Normalized.keys``
-says, and coalesces the messages of a single reading that one batch of MQTT messages
-(ingest's linger) holds into one record per partition. Either way a record goes to the
-partition murmur2 of its key picks, so a sensor's readings stay on one partition.
+id, ``v2_records_of`` (the service's path: from the normalizer's columns) or
+``v2_records`` (the same bytes from v1 events) one ``EventBatch`` per MQTT message keyed
+as ``Normalized.keys`` says, and coalesces the messages of a single reading that one
+batch of MQTT messages (ingest's linger) holds into one record per partition. Either
+way a record goes to the partition murmur2 of its key picks, so a sensor's readings stay
+on one partition.
 
 Compression defaults to zstd (``kafka_compression``): aiokafka compresses lz4 at level 9
 (LZ4-HC), measured here at ~370 MB/s, a tenth of ingest's CPU at full speed; zstd at
@@ -45,6 +47,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     InvalidProducerEpoch,
@@ -55,7 +58,16 @@ from aiokafka.errors import (
 from aiokafka.partitioner import DefaultPartitioner
 
 from cityops.settings import Settings
-from ingest.contract import DeadLetter, Event, encode_batch, encode_deadletter, encode_event
+from ingest.columns import METRIC_NAMES, Normalized
+from ingest.contract import (
+    DeadLetter,
+    Event,
+    Incident,
+    encode_batch,
+    encode_columns,
+    encode_deadletter,
+    encode_event,
+)
 from ingest.metrics import KAFKA_SEND_SECONDS
 
 log = logging.getLogger("cityops.ingest.kafka")
@@ -117,6 +129,69 @@ def v2_records(events: list[Event], origin: list[int], keys: dict[int, str],
             slots[k][1].append(group[0])
     return [OutRecord(key, encode_batch(group), group[0].receive_time, p)
             for key, group, p in slots]
+
+
+def v2_records_of(out: Normalized,
+                  partition_of: Callable[[str], int] | None = None) -> list[OutRecord]:
+    """Contract v2 straight from the normalizer's columns: what ``v2_records`` makes of
+    the same rows as events, byte for byte (tested), without an ``Event`` per reading.
+
+    A message with several rows is a record of its own; with ``partition_of``, the
+    messages of one row share one record per partition (at most ``COALESCE_MAX_ROWS``
+    rows each), keyed by its first message's key and produced to that partition
+    explicitly. Records leave in the order of their first message. Which record each
+    message joins is a short loop per message (a partition lookup and a dict hit:
+    measured cheaper than a dozen numpy calls on the ~50 messages of a typical batch);
+    everything per row and per reading is numpy (``contract.encode_columns``).
+    """
+    if len(out) == 0:
+        return []
+    row_msg = out.row_msg  # non-decreasing: rows are in message order
+    first_row = np.flatnonzero(np.concatenate(([True], row_msg[1:] != row_msg[:-1])))
+    per_msg = np.diff(np.append(first_row, row_msg.size))
+    msgs = row_msg[first_row]
+    keys = out.keys
+    msg_record: list[int] = []  # per message with rows: its record
+    lead: list[int] = []  # per record: its first message (position in ``msgs``)
+    partition: list[int | None] = []  # per record: chosen partition, or None (by key)
+    open_slot: dict[int, int] = {}  # partition -> its coalescing record
+    fill: dict[int, int] = {}  # coalescing record -> rows in it
+    for i, (m, c) in enumerate(zip(msgs.tolist(), per_msg.tolist(), strict=True)):
+        if partition_of is None or c != 1:
+            msg_record.append(len(lead))
+            lead.append(i)
+            partition.append(None)
+            continue
+        p = partition_of(keys[m])
+        k = open_slot.get(p)
+        if k is None or fill[k] >= COALESCE_MAX_ROWS:
+            k = open_slot[p] = len(lead)
+            fill[k] = 0
+            lead.append(i)
+            partition.append(p)
+        fill[k] += 1
+        msg_record.append(k)
+    nrec = len(lead)
+    row_record = np.repeat(np.array(msg_record, np.int64), per_msg)  # rows: message order
+    incidents: list[list[Incident]] = [[] for _ in range(nrec)]
+    cols, rec = out, row_record
+    if out.row_kind.any():  # incidents are rare: they leave the columns as structs
+        incident = out.incident_rows
+        for j in np.flatnonzero(incident).tolist():
+            incidents[int(row_record[j])].append(out.incident(j))
+        cols, rec = out.take(np.flatnonzero(~incident)), row_record[~incident]
+    if (rec[1:] < rec[:-1]).any():  # coalesced records interleave: group their rows
+        order = np.argsort(rec, kind="stable")  # arrival order kept inside a record
+        cols = cols.take(order)
+        rec = rec[order]
+    values = encode_columns(
+        nrec, rec, cols.row_sensor, [s.sensor_id for s in cols.sensors],
+        [s.vendor for s in cols.sensors], cols.row_time, cols.row_receive, cols.row_interval,
+        cols.row_quality, cols.row_count, cols.metric, METRIC_NAMES, cols.value, incidents)
+    first_msg = msgs[lead].tolist()
+    stamp = out.row_receive[first_row[lead]].tolist()
+    return [OutRecord(keys[m], v, ts, p)
+            for m, v, ts, p in zip(first_msg, values, stamp, partition, strict=True)]
 
 
 class EventProducer:

@@ -1,6 +1,6 @@
-"""Turn a batch of raw MQTT messages into contract events and dead letters.
+"""Turn a batch of raw MQTT messages into columns of readings and dead letters.
 
-``Normalizer.normalize`` is a pure function of the batch (the clock it uses is each
+``Normalizer.normalize_batch`` is a pure function of the batch (the clock it uses is each
 message's receive time), so tests and benchmarks drive it directly. The work is
 organised so that the per-payload Python is as thin as the formats allow:
 
@@ -8,13 +8,31 @@ organised so that the per-payload Python is as thin as the formats allow:
    the sensor id in the topic or element, looked up in the registry;
 2. decode each vendor's payloads in one msgspec call (``Adapter.decode_batch``);
 3. let each adapter map records to rows in contract units;
-4. check every row's event time and every measurement's physical range with numpy over
-   the whole batch (rows grouped by their measurement names into 2-D arrays);
-5. build events, or one ``DeadLetter`` per refused payload. A payload is refused whole
-   (all its rows), a gateway element alone: the rest of its gateway batch goes on, and
-   all refused elements of one gateway message make ONE dead letter (their count and
-   the first ``GATEWAY_REASONS_KEPT`` reasons): a 200 kB message of 100,000 bad
-   elements must not become 100,000 Kafka records.
+4. transpose the rows into columns (``ingest.columns.Normalized``): per row a sensor
+   index into the batch's sensor table, event time, receive time, interval, quality,
+   kind and a duplicate-window key; per reading a metric code and a value;
+5. check every row's event time and every reading's physical range with numpy over the
+   whole batch (bounds gathered by metric code), and clamp or refuse. A payload is
+   refused whole (all its rows), a gateway element alone: the rest of its gateway batch
+   goes on, and all refused elements of one gateway message make ONE dead letter (their
+   count and the first ``GATEWAY_REASONS_KEPT`` reasons): a 200 kB message of 100,000
+   bad elements must not become 100,000 Kafka records.
+
+Why columns (issue 15, item 1): until then step 5 built one v1 ``Event`` struct per row
+(sixteen fields, a 32-hex event id hashed per reading), the duplicate window looked up
+each event id in Python sets, and the v2 encoder walked the events again to make the
+columns it sends. Now nothing per reading is built after the adapters: the window takes
+the rows' int64 keys (``ingest.dedup``), and ``ingest.kafka.v2_records_of`` encodes the
+v2 records straight from the arrays (``ingest.contract.encode_columns``), byte for byte
+what the event path made. ``Normalized.events`` still rebuilds v1 events from the
+columns, for ``ingest_contract_version = 1`` and tests; it is not the hot path.
+
+What stays Python per payload, and why: routing (a topic or gateway element names its
+sensor; the registry lookup and the ownership checks are per payload), the strict JSON
+checks, and the adapters' ``rows`` (each vendor's fields, units and optional parts differ,
+and msgspec hands back one struct per payload). For a gateway message that is per
+reading, and it is most of what ingest spends on one (``bench/ingest_normalize.py``).
+Everything from the rows on is C-level iteration and numpy over the batch.
 
 Before any of that, ``ingest.strict`` holds every payload to what msgspec lets through:
 UTF-8 everywhere, sane numbers, bounded nesting, no duplicate keys.
@@ -31,17 +49,20 @@ from __future__ import annotations
 import base64
 from collections import defaultdict
 from dataclasses import dataclass, field
+from itertools import chain
 
 import msgspec
 import numpy as np
-from msgspec.structs import replace
+import numpy.typing as npt
 
 from cityops.registry import Fleet, Sensor
-from cityops.settings import Settings
+from cityops.settings import Settings, SettingsError
 from ingest import strict
 from ingest.adapters import Adapter, Reject, Row, all_adapters
 from ingest.adapters.base import reject_of
+from ingest.columns import METRIC_CODE, METRIC_NAMES, Normalized
 from ingest.contract import METRICS, DeadLetter, Event, Quality, event_id
+from ingest.dedup import event_key
 
 # Event time ahead of receive time by more than this (but inside the accepted future
 # window) marks the reading CLOCK_SKEWED: the sensor's clock runs fast.
@@ -52,6 +73,17 @@ MAX_INTERVAL_S = 7 * 86_400
 TOPIC_CACHE_SIZE = 100_000
 # Reasons of refused gateway elements kept in their message's one dead letter.
 GATEWAY_REASONS_KEPT = 5
+MAX_KINDS = 1 << 10  # distinct (kind, incident) pairs one normalizer will code
+
+
+def _bounds() -> tuple[npt.NDArray[np.float64], ...]:
+    """Per metric code: the physical range, and how far past it a value is still clamped
+    (a count below its floor is impossible, not noise: no margin there, see ``Metric``)."""
+    lo = np.array([METRICS[n].lo for n in METRIC_NAMES], np.float64)
+    hi = np.array([METRICS[n].hi for n in METRIC_NAMES], np.float64)
+    exact = np.array([METRICS[n].exact for n in METRIC_NAMES], bool)
+    margin = (hi - lo) * CLAMP_MARGIN
+    return lo, hi, np.where(exact, lo, lo - margin), hi + margin
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,23 +121,6 @@ class _GatewayIds(msgspec.Struct):
 
 
 @dataclass(slots=True)
-class Normalized:
-    """What one batch of messages became, with where each event came from.
-
-    ``origin`` says which message (index in the batch) each event was made from, and
-    ``keys`` the Kafka key of each message that made events: contract v2 produces one
-    record per message, keyed by the gateway id for a gateway message, else by the
-    sensor's gateway if the registry puts it behind one, else by the sensor id (so a
-    sensor's readings share one partition whichever way they came).
-    """
-
-    events: list[Event]
-    dead: list[DeadLetter]
-    origin: list[int]
-    keys: dict[int, str]
-
-
-@dataclass(slots=True)
 class _GatewayRefusals:
     """The refused elements of one gateway message: counted, the first few kept."""
 
@@ -138,18 +153,8 @@ class _Item:
         return f"gateway {self.gateway} reading #{self.element}: " if self.gateway else ""
 
 
-def _metric_bounds(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                   np.ndarray]:
-    lo = np.array([METRICS[n].lo for n in names], dtype=np.float64)
-    hi = np.array([METRICS[n].hi for n in names], dtype=np.float64)
-    exact = np.array([METRICS[n].exact for n in names], dtype=bool)
-    margin = (hi - lo) * CLAMP_MARGIN
-    # A count below its floor is impossible, not noise: no margin there (see Metric).
-    return lo, hi, np.where(exact, lo, lo - margin), hi + margin
-
-
 class Normalizer:
-    """Vendor payloads in, contract events and dead letters out (see module doc)."""
+    """Vendor payloads in, columns of readings and dead letters out (see module doc)."""
 
     def __init__(self, fleet: Fleet, settings: Settings) -> None:
         self.fleet = fleet
@@ -162,22 +167,34 @@ class Normalizer:
         self._gateway = msgspec.json.Decoder(_Gateway)
         self._probe = msgspec.json.Decoder(_IdProbe | str)
         self._gateway_ids = msgspec.json.Decoder(_GatewayIds)
-        self._bounds: dict[tuple[str, ...], tuple[np.ndarray, ...]] = {}
+        # Per metric code: lo, hi, lo - margin, hi + margin (``_bounds``), one row each.
+        self._bounds = np.stack(_bounds(), axis=1)
+        self._shape_codes = _Codes()
+        self.kinds: list[tuple[str, str | None]] = []  # grows: (kind, incident) per code
+        self._kind_codes = _KindCodes(self.kinds)
         # Device topics repeat (one per sensor): remember what each one routes to.
         self._topics: dict[str, Sensor | Reject] = {}
-        # Per sensor, an event with its static fields filled: ``structs.replace`` on it
-        # costs a fifth of building an Event from sixteen keyword arguments.
-        self._templates: dict[str, Event] = {}
         self._escapes = True  # this batch has a backslash somewhere (strict.batch_facts)
+        # Duplicate-window keys (``_keys``): registry index above enough event-time bits
+        # to tell apart any two times the window can hold of one sensor, four times over.
+        span = (settings.ingest_too_old_ms + settings.ingest_future_ms
+                + settings.ingest_dedup_window_s * 1000)
+        self._time_bits = max(1, span).bit_length() + 2
+        self._time_mask = (1 << self._time_bits) - 1
+        self._code = {s.sensor_id: k for k, s in enumerate(fleet)}
+        if self._time_bits > 62 or len(self._code) >= 1 << (63 - self._time_bits):
+            raise SettingsError(f"{len(self._code)} sensors and a {span} ms time span do "
+                                f"not fit the duplicate window's 63-bit keys")
 
     # -- public ---------------------------------------------------------------------
     def normalize(self, messages: list[InboundMessage]) -> tuple[list[Event], list[DeadLetter]]:
-        """Events in message order, and one dead letter per refused payload."""
+        """v1 events in message order, and one dead letter per refused payload (the
+        columns of ``normalize_batch`` rebuilt as ``Event`` structs: tests, contract v1)."""
         out = self.normalize_batch(messages)
         return out.events, out.dead
 
     def normalize_batch(self, messages: list[InboundMessage]) -> Normalized:
-        """``normalize``, saying which message each event came from and its Kafka key.
+        """The batch as columns, with dead letters and each message's Kafka key.
 
         Never raises for what is in a message: if the batch-wide work fails on something
         no rule foresaw, the batch is done again one message at a time, and the message
@@ -187,21 +204,21 @@ class Normalizer:
             return self._normalize(messages)
         except Exception as exc:
             if len(messages) == 1:
-                return Normalized([], [_dead(messages[0], messages[0].payload,
-                                             reject_of(exc), None)], [], {})
-        out = Normalized([], [], [], {})
+                out = Normalized.empty(self.kinds)
+                out.dead = [_dead(messages[0], messages[0].payload, reject_of(exc), None)]
+                return out
+        parts: list[tuple[int, Normalized]] = []
+        dead: list[DeadLetter] = []
         for i, msg in enumerate(messages):
             try:
                 one = self._normalize([msg])
             except Exception as exc:
-                out.dead.append(_dead(msg, msg.payload, reject_of(exc), None))
+                dead.append(_dead(msg, msg.payload, reject_of(exc), None))
                 continue
-            out.events += one.events
-            out.dead += one.dead
-            out.origin += [i] * len(one.events)
-            if 0 in one.keys:
-                out.keys[i] = one.keys[0]
-        return out
+            dead += one.dead
+            if len(one):
+                parts.append((i, one))
+        return Normalized.joined(parts, dead, self.kinds)
 
     def _normalize(self, messages: list[InboundMessage]) -> Normalized:
         dead: list[tuple[int, DeadLetter]] = []  # (message index, letter)
@@ -234,11 +251,12 @@ class Normalizer:
                     item_rows.append((it, adapter.rows(rec)))
                 except Exception as exc:  # an adapter bug must not lose the rest of the batch
                     self._refuse(messages, it, reject_of(exc), dead, refused)
-        item_rows.sort(key=lambda ir: ir[0].msg)  # events leave in arrival order
-        events, origin, keys = self._check_and_build(messages, item_rows, dead, refused)
+        item_rows.sort(key=lambda ir: ir[0].msg)  # rows leave in arrival order
+        out = self._check_and_build(messages, item_rows, dead, refused)
         dead += [(i, _gateway_dead(messages[i], r)) for i, r in refused.items() if r.count]
         dead.sort(key=lambda d: d[0])  # stable: a message's letters keep their order
-        return Normalized(events, [d for _, d in dead], origin, keys)
+        out.dead = [d for _, d in dead]
+        return out
 
     def _refuse(self, messages: list[InboundMessage], it: _Item, rej: Reject,
                 dead: list[tuple[int, DeadLetter]],
@@ -387,112 +405,187 @@ class Normalizer:
                                           "camera, device_id or probe)")
         return sid, raw
 
-    # -- vectorized checks ------------------------------------------------------------
+    # -- columns and vectorized checks ---------------------------------------------------
     def _check_and_build(self, messages: list[InboundMessage],
                          item_rows: list[tuple[_Item, list[Row]]],
                          dead: list[tuple[int, DeadLetter]],
-                         refused: dict[int, _GatewayRefusals]
-                         ) -> tuple[list[Event], list[int], dict[int, str]]:
-        """Events of the rows that pass, the message each came from, and the Kafka key
-        of each message with events (see ``Normalized``)."""
+                         refused: dict[int, _GatewayRefusals]) -> Normalized:
+        """The rows that pass, as columns (see ``Normalized``); the items with a bad row
+        refused whole (``_refuse``).
+
+        Per item (payload) there is a little Python: its sensor's place in the batch's
+        sensor table. Per row and reading only C-level iteration: ``zip(*rows)``
+        transposes the adapters' rows, ``np.fromiter`` over ``map``/``chain`` fills the
+        columns, and each distinct set of metric names is looked up once. The time and
+        range rules then run as numpy over the whole batch; Python formats a reason only
+        for a refused row.
+        """
+        if not item_rows:
+            return Normalized.empty(self.kinds)
+        table: dict[str, int] = {}
+        sensors: list[Sensor] = []
+        item_sensor: list[int] = []
+        item_msg: list[int] = []
+        item_nrows: list[int] = []
         rows: list[Row] = []
-        owner: list[int] = []  # row -> index into item_rows
-        for k, (_, rs) in enumerate(item_rows):
-            rows.extend(rs)
-            owner.extend([k] * len(rs))
+        for it, rs in item_rows:
+            sid = it.sensor.sensor_id
+            k = table.get(sid)
+            if k is None:
+                k = table[sid] = len(sensors)
+                sensors.append(it.sensor)
+            item_sensor.append(k)
+            item_msg.append(it.msg)
+            item_nrows.append(len(rs))
+            rows += rs
         n = len(rows)
         if n == 0:
-            return [], [], {}
-        received = np.fromiter((messages[item_rows[k][0].msg].received_at for k in owner),
-                               dtype=np.float64, count=n)
-        etime = np.fromiter((r.event_time for r in rows), dtype=np.float64, count=n)
-        interval = np.fromiter((r.interval_s for r in rows), dtype=np.float64, count=n)
+            return Normalized.empty(self.kinds)
+        owner = np.repeat(np.arange(len(item_rows)), item_nrows)  # row -> item
+        _, times, kinds, incidents, intervals, meas, quals = zip(*rows, strict=True)
+        msg_of = np.array(item_msg, np.int64)[owner]
+        received_at = np.fromiter((m.received_at for m in messages), np.int64, len(messages))
+        received = received_at[msg_of]
+        # Float for the checks, as any int a payload holds fits one (exact where it passes).
+        etime = np.array(times, np.float64)
+        interval = np.array(intervals, np.float64)
+        quality = np.array(quals, np.int64)
+        count = np.fromiter(map(len, meas), np.int64, n)
+        codes = self._shape_codes
+        metric = np.fromiter(chain.from_iterable(map(codes.__getitem__, map(tuple, meas))),
+                             np.int64)
+        value = np.fromiter(chain.from_iterable(map(dict.values, meas)), np.float64,
+                            metric.size)
+        kind = np.fromiter(map(self._kind_codes.__getitem__,
+                               zip(kinds, incidents, strict=True)), np.int64, n)
+
         ahead = etime - received
-        reason: list[tuple[str, str] | None] = [None] * n
-        quality = np.fromiter((r.quality for r in rows), dtype=np.int64, count=n)
-        for j in np.flatnonzero(ahead < -self.too_old_ms).tolist():
-            reason[j] = ("too_old", f"event time {int(etime[j])} is {-ahead[j] / 3.6e6:.1f} h "
-                         f"before receive time (limit {self.too_old_ms / 3.6e6:g} h)")
-        for j in np.flatnonzero(ahead > self.future_ms).tolist():
-            reason[j] = ("in_future", f"event time {int(etime[j])} is {ahead[j] / 1000:.0f} s "
-                         f"ahead of receive time (limit {self.future_ms / 1000:g} s)")
-        for j in np.flatnonzero((interval < 0) | (interval > MAX_INTERVAL_S)).tolist():
-            reason[j] = ("out_of_range", f"interval {int(interval[j])} s outside "
-                         f"0..{MAX_INTERVAL_S}")
+        # Reason per row, later rules overriding earlier ones (as they always did):
+        # too_old < in_future < interval < measurement range.
+        why = np.zeros(n, np.int8)
+        why[ahead < -self.too_old_ms] = 1
+        why[ahead > self.future_ms] = 2
+        why[(interval < 0) | (interval > MAX_INTERVAL_S)] = 3
         quality[ahead < -self.late_ms] |= Quality.LATE
         quality[ahead > CLOCK_SKEW_TOLERANCE_MS] |= Quality.CLOCK_SKEWED
-        measurements = self._check_ranges(rows, reason, quality)
-
-        # One dead letter per item with any bad row; events for the others.
+        reading_row = np.repeat(np.arange(n), count)
+        lo, hi, lo_tol, hi_tol = self._bounds[metric].T  # one gather for all four
+        inside_tol = (value >= lo_tol) & (value <= hi_tol)
+        first_bad: dict[int, int] = {}  # row -> its first reading out of range
+        if not inside_tol.all():  # NaN/inf fail this too
+            out_of_range = np.flatnonzero(~inside_tol)
+            bad_rows, at = np.unique(reading_row[out_of_range], return_index=True)
+            first_bad = dict(zip(bad_rows.tolist(), out_of_range[at].tolist(), strict=True))
+            why[bad_rows] = 4
+        # One dead letter per item with any bad row, in row order.
         bad_items: set[int] = set()
-        for j in range(n):
-            r = reason[j]
-            if r is not None and owner[j] not in bad_items:
-                bad_items.add(owner[j])
-                self._refuse(messages, item_rows[owner[j]][0], Reject(*r), dead, refused)
-        events: list[Event] = []
-        origin: list[int] = []
-        keys: dict[int, str] = {}
-        q = quality.tolist()
-        for j, row in enumerate(rows):
-            if owner[j] in bad_items:
-                continue
-            it = item_rows[owner[j]][0]
-            sid = it.sensor.sensor_id
-            template = self._templates.get(sid) or self._template(it.sensor)
-            events.append(replace(
-                template, event_id=event_id(sid, row.event_time, row.kind, row.incident),
-                event_time=row.event_time, receive_time=messages[it.msg].received_at,
-                kind=row.kind, incident=row.incident, interval_s=row.interval_s,
-                measurements=measurements[j], quality=q[j]))
-            origin.append(it.msg)
-            if it.msg not in keys:
-                keys[it.msg] = it.gateway or it.sensor.gateway or sid
-        return events, origin, keys
-
-    def _template(self, s: Sensor) -> Event:
-        if len(self._templates) >= TOPIC_CACHE_SIZE:
-            self._templates.clear()
-        ev = self._templates[s.sensor_id] = Event(
-            event_id="", sensor_id=s.sensor_id, domain=s.domain, type=s.type,
-            district=s.district, landmark=s.landmark, lat=s.lat, lon=s.lon, event_time=0,
-            receive_time=0, vendor=s.vendor)
-        return ev
-
-    def _check_ranges(self, rows: list[Row], reason: list[tuple[str, str] | None],
-                      quality: np.ndarray) -> list[dict[str, float]]:
-        """Range-check all measurements: rows sharing metric names form one 2-D array."""
-        measurements = [r.measurements for r in rows]
-        groups: dict[tuple[str, ...], list[int]] = defaultdict(list)
-        for j, m in enumerate(measurements):
-            if m:
-                groups[tuple(m)].append(j)
-        for names, idx in groups.items():
-            bounds = self._bounds.get(names)
-            if bounds is None:
-                bounds = self._bounds[names] = _metric_bounds(names)
-            lo, hi, lo_tol, hi_tol = bounds
-            vals = np.array([list(measurements[j].values()) for j in idx], dtype=np.float64)
-            inside_tol = (vals >= lo_tol) & (vals <= hi_tol)  # NaN/inf fail this too
-            outside = (vals < lo) | (vals > hi)
-            bad_rows = ~inside_tol.all(axis=1)
-            for r in np.flatnonzero(bad_rows).tolist():
-                c = int(np.flatnonzero(~inside_tol[r])[0])
-                metric, value = METRICS[names[c]], float(vals[r, c])
-                if metric.exact and value < metric.lo:
-                    reason[idx[r]] = ("out_of_range", f"{names[c]} = {value!r}: a count "
-                                      f"cannot be negative")
+        if why.any():
+            for j in np.flatnonzero(why).tolist():
+                k = int(owner[j])
+                if k in bad_items:
                     continue
-                reason[idx[r]] = ("out_of_range", f"{names[c]} = {value!r} outside "
-                                  f"{metric.lo:g}..{metric.hi:g} "
-                                  f"by more than {CLAMP_MARGIN:.0%}")
-            clamp_rows = np.flatnonzero(outside.any(axis=1) & ~bad_rows)
-            if clamp_rows.size:
-                clipped = np.clip(vals[clamp_rows], lo, hi).tolist()
-                for r, values in zip(clamp_rows.tolist(), clipped, strict=True):
-                    measurements[idx[r]] = dict(zip(names, values, strict=True))
-                    quality[idx[r]] |= Quality.CLAMPED
-        return measurements
+                bad_items.add(k)
+                rej = self._reason(int(why[j]), etime[j], ahead[j], interval[j],
+                                   first_bad.get(j, -1), metric, value)
+                self._refuse(messages, item_rows[k][0], rej, dead, refused)
+        # Clamp what is past its bound by a little, in the rows that go on.
+        outside = (value < lo) | (value > hi)
+        if bad_items:
+            keep_row = ~np.isin(owner, np.fromiter(bad_items, np.int64, len(bad_items)))
+            keep_reading = keep_row[reading_row]
+            outside &= keep_reading
+        if outside.any():
+            value = np.where(outside, np.clip(value, lo, hi), value)
+            quality[np.unique(reading_row[outside])] |= Quality.CLAMPED
+        row_sensor = np.array(item_sensor, np.int64)[owner]
+        row_msg = msg_of
+        if bad_items:  # the common case keeps every row: no copies then
+            kept = np.flatnonzero(keep_row)
+            row_sensor, row_msg, received, etime, interval, quality, kind, count = (
+                a[kept] for a in (row_sensor, row_msg, received, etime, interval, quality,
+                                  kind, count))
+            metric, value = metric[keep_reading], value[keep_reading]
+            owner = owner[kept]
+        row_time = etime.astype(np.int64)
+        out = Normalized(
+            sensors, row_sensor, row_msg, row_time, received, interval.astype(np.int64),
+            quality, kind, self._keys(sensors, row_sensor, row_time, kind), count, metric,
+            value, self.kinds)
+        # Each message's Kafka key, from its first kept row's item.
+        if row_msg.size:
+            first = np.flatnonzero(np.concatenate(([True], row_msg[1:] != row_msg[:-1])))
+            for k in owner[first].tolist():
+                it = item_rows[k][0]
+                out.keys[it.msg] = it.gateway or it.sensor.gateway or it.sensor.sensor_id
+        return out
+
+    def _keys(self, sensors: list[Sensor], row_sensor: npt.NDArray[np.int64],
+              row_time: npt.NDArray[np.int64], row_kind: npt.NDArray[np.int64]
+              ) -> npt.NDArray[np.int64]:
+        """Duplicate-window keys of the rows (``ingest.dedup``).
+
+        A reading row: its sensor's registry index above the low ``_time_bits`` bits of
+        its event time. Exact, not a hash: every row that passes lies within
+        ``too_old + future`` of its receive time, and the window only holds rows
+        received within ``ingest_dedup_window_s`` of each other, so two rows of one
+        sensor in the window are less than a quarter of ``2**_time_bits`` ms apart and
+        their low bits differ whenever their times do. An incident (rare): the hash of
+        its v1 event id (``dedup.event_key``), negative, as kind and incident are part
+        of what makes it the same.
+        """
+        codes = np.array([self._code[s.sensor_id] for s in sensors], np.int64)
+        key = (codes[row_sensor] << self._time_bits) | (row_time & self._time_mask)
+        if row_kind.any():
+            for j in np.flatnonzero(row_kind).tolist():
+                sid = sensors[int(row_sensor[j])].sensor_id
+                kind, incident = self.kinds[int(row_kind[j])]
+                key[j] = event_key(event_id(sid, int(row_time[j]), kind, incident))
+        return key
+
+    def _reason(self, why: int, etime: float, ahead: float, interval: float, reading: int,
+                metric: npt.NDArray[np.int64], value: npt.NDArray[np.float64]) -> Reject:
+        """The dead-letter reason of a refused row (the same words as ever)."""
+        if why == 1:
+            return Reject("too_old", f"event time {int(etime)} is {-ahead / 3.6e6:.1f} h "
+                          f"before receive time (limit {self.too_old_ms / 3.6e6:g} h)")
+        if why == 2:
+            return Reject("in_future", f"event time {int(etime)} is {ahead / 1000:.0f} s "
+                          f"ahead of receive time (limit {self.future_ms / 1000:g} s)")
+        if why == 3:
+            return Reject("out_of_range", f"interval {int(interval)} s outside "
+                          f"0..{MAX_INTERVAL_S}")
+        name = METRIC_NAMES[int(metric[reading])]
+        m, v = METRICS[name], float(value[reading])
+        if m.exact and v < m.lo:
+            return Reject("out_of_range", f"{name} = {v!r}: a count cannot be negative")
+        return Reject("out_of_range", f"{name} = {v!r} outside {m.lo:g}..{m.hi:g} "
+                      f"by more than {CLAMP_MARGIN:.0%}")
+
+
+class _Codes(dict):
+    """Metric codes of each distinct tuple of metric names, made on first sight."""
+
+    def __missing__(self, names: tuple[str, ...]) -> list[int]:
+        codes = self[names] = [METRIC_CODE[n] for n in names]  # KeyError: not a metric
+        return codes
+
+
+class _KindCodes(dict):
+    """A code per distinct (kind, incident) of rows, appended to ``kinds`` on first sight;
+    (``reading``, None) is 0."""
+
+    def __init__(self, kinds: list[tuple[str, str | None]]) -> None:
+        super().__init__()
+        self.kinds = kinds
+        self[("reading", None)] = 0
+        kinds.append(("reading", None))
+
+    def __missing__(self, key: tuple[str, str | None]) -> int:
+        if len(self) >= MAX_KINDS:
+            raise ValueError(f"more than {MAX_KINDS} distinct incident types")
+        code = self[key] = len(self.kinds)
+        self.kinds.append(key)
+        return code
 
 
 def _dead(msg: InboundMessage, raw: bytes, rej: Reject, sensor_id: str | None,

@@ -27,8 +27,11 @@ Riding through broker restarts (the front door of the city must not need a resta
 
 What the events become on Kafka follows ``ingest_contract_version``: v1, one JSON
 event per record; v2, one columnar ``EventBatch`` per MQTT message, and one per
-partition for the single-reading messages of a batch (``ingest.kafka.v2_records``).
-Dead letters and the duplicate window are the same in both.
+partition for the single-reading messages of a batch (``ingest.kafka.v2_records_of``).
+Since issue 15 a batch stays columns from the normalizer to the v2 records: the
+duplicate window takes the rows' int64 keys and the records are encoded from the
+arrays, with no ``Event`` per reading (v1 builds them from the columns, off the hot
+path). Dead letters and the duplicate window are the same in both.
 
 Memory is bounded twice: by MQTT v5 Receive Maximum (``ingest_inflight_max``: the
 broker sends no more unacknowledged messages, and queues the rest itself) and by the
@@ -45,14 +48,17 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from cityops.kafka import require_topics
 from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings, SettingsError
 from ingest import metrics
 from ingest.backoff import Backoff, sleep_unless
-from ingest.contract import DeadLetter, Event
+from ingest.columns import Normalized
+from ingest.contract import DeadLetter
 from ingest.dedup import DuplicateWindow
-from ingest.kafka import PRODUCER_FATAL, EventProducer, OutRecord, v1_records, v2_records
+from ingest.kafka import PRODUCER_FATAL, EventProducer, OutRecord, v1_records, v2_records_of
 from ingest.mqtt import (
     CONNECTION_LOST,
     MqttBatch,
@@ -85,11 +91,24 @@ class IngestStats:
     kafka_retries: int = 0  # batches handed to Kafka again after a failure
 
 
+def _per_place(out: Normalized) -> collections.Counter[tuple[str, str]]:
+    """Rows per (district, domain), for the events-out metric: one count per sensor of
+    the batch (``np.bincount``), not a look at every row."""
+    per: collections.Counter[tuple[str, str]] = collections.Counter()
+    if len(out):
+        counts = np.bincount(out.row_sensor, minlength=len(out.sensors)).tolist()
+        for s, k in zip(out.sensors, counts, strict=True):
+            if k:
+                per[(s.district, s.domain)] += k
+    return per
+
+
 @dataclass(slots=True)
 class _InFlight:
     acked: asyncio.Future[None]
     batch: MqttBatch
-    events: list[Event]
+    events: int  # rows (readings and incidents) in the records
+    per_place: collections.Counter[tuple[str, str]]  # events per (district, domain)
     records: list[OutRecord]  # the events, encoded: handed over again as they are
     dead: list[DeadLetter]
     producer_generation: int  # which Kafka client the ack future belongs to
@@ -211,24 +230,24 @@ class IngestService:
         metrics.BATCH_MESSAGES.observe(n)
         out = self.normalizer.normalize_batch(batch.messages)
         dead = out.dead
-        kept = self.dedup.keep(out.events, int(time.time() * 1000))
-        events = [out.events[k] for k in kept]
-        dups = len(out.events) - len(kept)
+        kept = self.dedup.keep_keys(out.row_key, int(time.time() * 1000))
+        dups = len(out) - kept.size
+        if dups:
+            out = out.take(kept)
         if self.contract == 2:
-            records = v2_records(events, [out.origin[k] for k in kept], out.keys,
-                                 producer.partition_of)
+            records = v2_records_of(out, producer.partition_of)
         else:
-            records = v1_records(events)
+            records = v1_records(out.events)  # the legacy contract: an Event per row
         if dups:
             self.stats.duplicates += dups
             metrics.DUPLICATES.inc(dups)
         for d in dead:
             self.stats.deadletters[d.reason] += 1
             metrics.REJECTIONS.labels(d.reason).inc()
-        metrics.BATCH_EVENTS.observe(len(events))
+        metrics.BATCH_EVENTS.observe(len(out))
         generation = producer.generation
-        return _InFlight(await self._submit(producer, records, dead), batch, events, records,
-                         dead, generation)
+        return _InFlight(await self._submit(producer, records, dead), batch, len(out),
+                         _per_place(out), records, dead, generation)
 
     @staticmethod
     async def _submit(producer: EventProducer, records: list[OutRecord],
@@ -262,7 +281,7 @@ class IngestService:
                 self.stats.kafka_retries += 1
                 metrics.KAFKA_RETRIES.inc()
                 log.warning("Kafka did not acknowledge a batch of %d events (%s: %s); "
-                            "retry %d in %.2f s", len(item.events), type(exc).__name__, exc,
+                            "retry %d in %.2f s", item.events, type(exc).__name__, exc,
                             backoff.attempt, delay)
                 if isinstance(exc, PRODUCER_FATAL):
                     await producer.renew(item.producer_generation)
@@ -289,9 +308,8 @@ class IngestService:
                 self.stats.left_to_redelivery += n
             else:
                 self.stats.acked_messages += n
-            self.stats.events += len(item.events)
+            self.stats.events += item.events
             self.stats.in_flight -= n
-            for (district, domain), k in collections.Counter((e.district, e.domain)
-                                                             for e in item.events).items():
+            for (district, domain), k in item.per_place.items():
                 metrics.EVENTS_OUT.labels(district, domain).inc(k)
             metrics.QUEUE_DEPTH.dec(n)
