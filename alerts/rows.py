@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import NamedTuple
 
 import numpy as np
@@ -73,30 +74,26 @@ class Rows:
 
 def rows_of_events(events: Sequence[Event]) -> Rows:
     """v1 events (and the closed windows the engine makes) as rows: one learn entry per
-    event, readings from each measurements dict. A loop per event: this is the legacy
-    path, and the events exist already."""
+    event, readings from each measurements dict, flattened by C-level iteration (the
+    legacy path: the events exist already)."""
     n = len(events)
-    names: dict[str, int] = {}
-    r_row: list[int] = []
-    r_metric: list[int] = []
-    r_value: list[float] = []
-    notes: dict[int, Note] = {}
+    dicts = [e.measurements for e in events]
+    keys = list(chain.from_iterable(dicts))
+    names = list(dict.fromkeys(keys))
+    at = {k: m for m, k in enumerate(names)}
     incident = Kind.INCIDENT.value
-    for i, e in enumerate(events):
-        for k, v in e.measurements.items():
-            r_row.append(i)
-            r_metric.append(names.setdefault(k, len(names)))
-            r_value.append(v)
-        if e.incident is not None or e.kind == incident:
-            notes[i] = Note(e.event_id, e.incident, e.kind == incident)
     return Rows(
         learn=[Learn(e.sensor_id, e, e.interval_s) for e in events],
         entry=np.arange(n, dtype=np.int64),
         time=np.fromiter((e.event_time for e in events), np.int64, n),
         receive=np.fromiter((e.receive_time for e in events), np.int64, n),
-        metric_names=list(names), r_row=np.asarray(r_row, np.int64),
-        r_metric=np.asarray(r_metric, np.int64), r_value=np.asarray(r_value, np.float64),
-        notes=notes)
+        metric_names=names,
+        r_row=np.repeat(np.arange(n, dtype=np.int64), [len(d) for d in dicts]),
+        r_metric=np.fromiter(map(at.__getitem__, keys), np.int64, len(keys)),
+        r_value=np.fromiter(chain.from_iterable(d.values() for d in dicts), np.float64,
+                            len(keys)),
+        notes={i: Note(e.event_id, e.incident, e.kind == incident) for i, e in
+               enumerate(events) if e.incident is not None or e.kind == incident})
 
 
 def rows_of_columns(cols: Columns) -> Rows:
