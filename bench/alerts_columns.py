@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -180,6 +181,17 @@ def main() -> None:
         return
     tmp = Path(tempfile.mkdtemp(prefix="cityops-bench-columns-"))
     fleet_path = _fleet_file(tmp / "fleet.toml", args.mode, args.gateway_size)
+    try:
+        out = _measure(args, tmp, fleet_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "alerts_columns" + ("" if args.mode == "gateway" else "_single")
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def _measure(args: argparse.Namespace, tmp: Path, fleet_path: Path) -> dict[str, object]:
     polls = make_polls(fleet_path, args.readings, args.rows_per_poll)
     polls_file = tmp / "polls.msgpack"
     polls_file.write_bytes(msgspec.msgpack.encode(polls))
@@ -208,10 +220,7 @@ def main() -> None:
         ref = ref or us
         out[f"ratio_{name}_over_{next(iter(runs))}"] = round(us / ref, 3)
     out["machine"] = {"cpus": os.cpu_count(), "load_avg": os.getloadavg()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "alerts_columns" + ("" if args.mode == "gateway" else "_single")
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out, indent=2))
+    return out
 
 
 if __name__ == "__main__":
