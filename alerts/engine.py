@@ -16,7 +16,7 @@ dropped (``drop``) and restored per partition.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from alerts.evaluators import (
 )
 from alerts.metrics import EVAL_SECONDS, RULES_EVALUATED, RULES_LOADED
 from alerts.model import Alert, Signal
+from alerts.rows import Rows
 from alerts.ruleset import Match, Rule, RuleSet, rule_hash, rule_input
 from alerts.scope import Ownership, ScopeInput
 from alerts.windows import Windows
@@ -87,20 +88,27 @@ class Engine:
         RULES_LOADED.set(len(kept))
         return dropped
 
-    def evaluate(self, events: list[Event], source: str = "events",
+    def evaluate(self, events: Sequence[Event] | Sequence[Rows], source: str = "events",
                  partitions: np.ndarray | None = None) -> list[Signal]:
-        """Run the rules reading ``source`` over a batch. For ``events`` (the stream),
-        also fold the batch into the rules' windows and run the window rules over the
-        windows that closed. ``partitions``: the events topic partition of each event
-        (what the event-time clocks of absence and the windows follow)."""
+        """Run the rules reading ``source`` over a batch: ``Event`` structs, or decoded
+        runs in columns (``alerts.decode.decode_rows``, the service's path). For
+        ``events`` (the stream), also fold the batch into the rules' windows and run the
+        window rules over the windows that closed. ``partitions``: the events topic
+        partition of each event (what the event-time clocks of absence and the windows
+        follow)."""
         out: list[Signal] = []
         if not events:
             return out
-        batch = Batch(events, self.index, partitions)
+        if isinstance(events[0], Rows):
+            if not any(len(r) for r in events):  # type: ignore[arg-type]
+                return out
+            batch = Batch(events, self.index, partitions)  # type: ignore[arg-type]
+        else:
+            batch = Batch.of_events(events, self.index, partitions)  # type: ignore[arg-type]
         self._run(batch, source, out)
         if source == "events" and self.windows.sets:
             for src, closed in self.windows.on_batch(batch, self.clock).items():
-                self._run(Batch(closed, self.index), src, out)
+                self._run(Batch.of_events(closed, self.index), src, out)
         return out
 
     def _run(self, batch: Batch, source: str, out: list[Signal]) -> None:
@@ -119,7 +127,7 @@ class Engine:
         """The clock's turn: windows the watermarks closed, absence, count/geofence expiry."""
         out: list[Signal] = []
         for src, closed in self.windows.on_tick(self.clock).items():
-            self._run(Batch(closed, self.index), src, out)
+            self._run(Batch.of_events(closed, self.index), src, out)
         for ev in self.evaluators.values():
             if isinstance(ev, AbsenceEvaluator) or type(ev).on_tick is not Evaluator.on_tick:
                 ev.on_tick(now_ms, out)

@@ -168,7 +168,7 @@ class ThresholdEvaluator(Evaluator):
         times = batch.times[pos]
         for j in range(pos.size):
             i = int(pos[j])
-            sid = batch.sensor_ids[i]
+            sid = batch.sensor_id(i)
             st = self.state.get(sid)
             if st is None:
                 if not cond[j]:
@@ -179,7 +179,7 @@ class ThresholdEvaluator(Evaluator):
                 continue  # out of order: duration logic needs monotonic time per sensor
             st = dict(st, last=t)
             x = float(vals[j])
-            ev, place = batch.events[i], batch.place(int(i))
+            place = batch.place(i)
             extra = {"metric": r.metric, "op": r.op, "threshold": r.value}
             if not st["firing"]:
                 if cond[j]:
@@ -187,7 +187,7 @@ class ThresholdEvaluator(Evaluator):
                     if t - st["since"] >= r.for_s * 1000:
                         st.update(firing=True, csince=None)
                         out.append(self.signal(SignalKind.RAISE, sid, t, place, x,
-                                               ev.receive_time, **extra))
+                                               batch.receive_time(i), **extra))
                 else:
                     st = None  # back to idle: forget the key
             elif clear[j]:
@@ -199,7 +199,7 @@ class ThresholdEvaluator(Evaluator):
                 st["csince"] = None
                 if cond[j]:
                     out.append(self.signal(SignalKind.UPDATE, sid, t, place, x,
-                                           ev.receive_time, **extra))
+                                           batch.receive_time(i), **extra))
             self._set(sid, st)
 
 
@@ -236,10 +236,11 @@ class CountEvaluator(Evaluator):
             return []
         mask &= self._match_mask(batch)
         out = []
-        for i in np.flatnonzero(mask):
-            ev, p = batch.events[i], batch.place(int(i))
-            out.append(ScopeInput(r.id, self.hash, self._key(p), ev.event_id, ev.event_time,
-                                  ev.receive_time, ev.incident, p.sensor_id, p.domain, p.type,
+        for i in np.flatnonzero(mask).tolist():
+            p = batch.place(i)
+            out.append(ScopeInput(r.id, self.hash, self._key(p), batch.event_id(i),
+                                  batch.event_time(i), batch.receive_time(i),
+                                  batch.incident(i), p.sensor_id, p.domain, p.type,
                                   p.district, p.landmark, p.lat, p.lon))
         return out
 
@@ -374,9 +375,9 @@ class AnomalyEvaluator(Evaluator):
                 i = int(positions[j])
                 kind = (SignalKind.RAISE if raise_[j] else SignalKind.CLEAR if clear[j]
                         else SignalKind.UPDATE)
-                ev = batch.events[i]
-                out.append(self.signal(kind, ev.sensor_id, ev.event_time, batch.place(i),
-                                       float(x[j]), ev.receive_time, metric=r.metric,
+                out.append(self.signal(kind, batch.sensor_id(i), batch.event_time(i),
+                                       batch.place(i), float(x[j]), batch.receive_time(i),
+                                       metric=r.metric,
                                        z=round(float(score[j]), 3), method=r.method))
 
 
@@ -452,9 +453,8 @@ class AbsenceEvaluator(Evaluator):
                 c, i = codes[j], int(idx[j])
                 if a["firing"][c]:
                     a["firing"][c] = False
-                    ev = batch.events[i]
-                    out.append(self.signal(SignalKind.CLEAR, ev.sensor_id, ev.event_time,
-                                           batch.place(i), None))
+                    out.append(self.signal(SignalKind.CLEAR, batch.sensor_id(i),
+                                           batch.event_time(i), batch.place(i), None))
 
     def on_tick(self, now_ms: int, out: list[Signal]) -> None:
         """Raise the sensors whose partition moved on by more than their limit since they
@@ -543,15 +543,14 @@ class GeofenceEvaluator(Evaluator):
                                lambda p: matches(r.match, p) and self.in_zone(p))
         idx = np.flatnonzero(trig)
         idx = idx[self.scheduled(batch.times[idx])]
-        for i in idx:
-            ev, place = batch.events[i], batch.place(int(i))
-            st = self.state.get(ev.sensor_id)
+        for i in idx.tolist():
+            sid, t, place = batch.sensor_id(i), batch.event_time(i), batch.place(i)
+            st = self.state.get(sid)
             kind = SignalKind.UPDATE if st and st["firing"] else SignalKind.RAISE
             v = None if np.isnan(vals_at[i]) else float(vals_at[i])
-            out.append(self.signal(kind, ev.sensor_id, ev.event_time, place, v, ev.receive_time,
-                                   incident=ev.incident))
-            self._set(ev.sensor_id, {"firing": True,
-                                     "last": max(ev.event_time, st["last"] if st else 0)})
+            out.append(self.signal(kind, sid, t, place, v, batch.receive_time(i),
+                                   incident=batch.incident(i)))
+            self._set(sid, {"firing": True, "last": max(t, st["last"] if st else 0)})
 
     def on_tick(self, now_ms: int, out: list[Signal]) -> None:
         if not self.state:

@@ -79,10 +79,11 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from alerts.decode import decode_value, decode_values
+from alerts.decode import decode_row, decode_rows
 from alerts.engine import Engine
 from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED, SCOPED_INPUTS
 from alerts.model import AlertChange, Signal, encode_change
+from alerts.rows import Rows
 from alerts.ruleset import RulesFile
 from alerts.scope import Ownership, ScopeInput, decode_input, encode_input
 from alerts.store import AlertStore, Fenced, create_pool
@@ -91,7 +92,7 @@ from cityops.registry import Fleet, load_fleet
 from cityops.service import static_member_id
 from cityops.settings import Settings
 from ingest.backoff import Backoff, sleep_unless
-from ingest.contract import DeadLetter, Event, encode_deadletter, is_v1
+from ingest.contract import DeadLetter, encode_deadletter, is_v1
 from ingest.kafka import PRODUCER_FATAL
 from processors.faults import CONNECTION_LOST, MAX_RETRIES, Fault, classify
 from processors.storage import Source, park
@@ -339,7 +340,7 @@ class AlertService:
         if data:
             self.assigned = True
         self._clean = False
-        events: list[Event] = []
+        events: list[Rows] = []
         parts: list[np.ndarray] = []
         inputs: list[ScopeInput] = []
         wall = int(time.time() * 1000)
@@ -350,15 +351,18 @@ class AlertService:
                 inputs += self._decode_inputs(msgs)
                 continue
             got = await self._decode(tp.topic, msgs)
-            if got:
+            n = sum(len(r) for r in got)
+            if n:
                 events.extend(got)
-                parts.append(np.full(len(got), tp.partition, np.int32))
-                self.engine.clock.observe(tp.partition, max(e.event_time for e in got), wall)
+                parts.append(np.full(n, tp.partition, np.int32))
+                self.engine.clock.observe(tp.partition, max(int(r.time.max()) for r in got
+                                                            if len(r)), wall)
             self._position[tp.partition] = msgs[-1].offset + 1
         self.engine.clock.advance(wall, self._caught_up())
         if events:
-            EVENTS.labels("events").inc(len(events))
-            BATCH_SIZE.observe(len(events))
+            rows = sum(len(r) for r in events)
+            EVENTS.labels("events").inc(rows)
+            BATCH_SIZE.observe(rows)
         signals = await self._evaluate(events, np.concatenate(parts) if parts else None,
                                        data)
         if inputs:
@@ -406,7 +410,7 @@ class AlertService:
             out[tp.partition] = high is not None and pos is not None and pos >= high
         return out
 
-    async def _evaluate(self, events: list[Event], partitions: np.ndarray | None,
+    async def _evaluate(self, events: list[Rows], partitions: np.ndarray | None,
                         data: dict[TopicPartition, list[Any]]) -> list[Signal]:
         """The rules over a poll's events; a record that makes them raise is parked and
         skipped instead of ending the service (and, restarted, meeting the same record
@@ -538,17 +542,16 @@ class AlertService:
             log.info("rules applied", extra={"fields": {"rules": len(new.rules),
                                                           "state_reset": dropped}})
 
-    async def _decode(self, topic: str, msgs: list) -> list[Event]:  # type: ignore[type-arg]
+    async def _decode(self, topic: str, msgs: list) -> list[Rows]:  # type: ignore[type-arg]
         return await self._decode_with(topic, msgs, self._decode_many, self._decode_one)
 
-    def _decode_many(self, values: list[bytes]) -> list[Event]:
-        """Events of many records, contract v1 and v2 (``alerts.decode``)."""
-        assert self.engine
-        return decode_values(values, self.engine.index.registry)
+    def _decode_many(self, values: list[bytes]) -> list[Rows]:
+        """Rows of many records, contract v1 and v2, as columns (``alerts.decode``): the
+        sensors' places are learned when the engine builds its batch."""
+        return decode_rows(values)
 
-    def _decode_one(self, value: bytes) -> list[Event]:
-        assert self.engine
-        return decode_value(value, self.engine.index.registry)
+    def _decode_one(self, value: bytes) -> list[Rows]:
+        return decode_row(value)
 
     async def _decode_with(self, topic: str, msgs: list, many, one) -> list:  # type: ignore[no-untyped-def,type-arg]
         """Decode a poll's messages in one call; if that fails, find and dead-letter the bad

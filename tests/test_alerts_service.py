@@ -17,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from alerts.model import decode_change
+from alerts.rows import Rows
 from alerts.store import AlertStore, create_pool
 from alerts.testing import EventProducer, RunningService, make_event, now_ms
 from cityops.settings import Settings
@@ -577,7 +578,9 @@ async def test_poison_record_is_parked_and_a_refused_signal_skipped_while_others
     bad_eval, bad_store = sid("p-eval"), sid("p-store")
 
     def evaluate(events: list[Any], source: str = "events") -> list[Any]:
-        if any(e.sensor_id == bad_eval for e in events):
+        # the service hands over decoded columns (``alerts.rows.Rows``), tests Events
+        if any(bad_eval in (e.sensor_ids() if isinstance(e, Rows) else [e.sensor_id])
+               for e in events):
             raise ZeroDivisionError("rule exploded on this record")
         return real_evaluate(events, source)
 
