@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hyp_settings
@@ -329,8 +330,35 @@ def test_duplicate_window_drops_resends_and_stays_bounded(norm: Normalizer,
     many, _ = norm.normalize([msg(s, samples.saomai_lane(s.sensor_id, T + i))
                               for i in range(100)])
     for k in range(0, 100, 5):
-        small.filter(many[k:k + 5], RECV + k * 4000)  # a new bucket every 15 s
-    assert len(small) <= 10 + 5 * 4
+        small.filter(many[k:k + 5], RECV + k * 4000)
+    assert len(small) <= small.capacity == 32  # a fixed table: 2x max_ids, rounded up
+
+
+def test_duplicate_window_is_one_fixed_table_that_forgets_the_oldest_first() -> None:
+    """The window's memory is taken at start and never grows; past its capacity it
+    forgets its oldest keys, never one it saw last; within the window nothing is
+    forgotten while it has room."""
+    window = DuplicateWindow(window_s=600, max_ids=50_000)
+    nbytes = window._keys.nbytes + window._seen.nbytes
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 2**62, 500, dtype=np.int64) for _ in range(60)]
+    for i, b in enumerate(batches):  # 30,000 keys, 1 s apart: all inside the window
+        assert window.keep_keys(b, RECV + i * 1000).size == b.size
+    assert len(window) == 30_000
+    for i, b in enumerate(batches):  # every one of them is still a duplicate
+        assert window.keep_keys(b, RECV + 60_000 + i).size == 0
+    # In-batch repeats: the first is kept.
+    fresh = rng.integers(0, 2**62, 10, dtype=np.int64)
+    assert window.keep_keys(np.r_[fresh, fresh[:3]], RECV + 61_000).tolist() == list(range(10))
+    # 10x more keys than it holds: the newest batch is always remembered, memory fixed.
+    for i in range(1000):
+        b = rng.integers(0, 2**62, 500, dtype=np.int64)
+        window.keep_keys(b, RECV + 100_000 + i * 10)
+    assert window.keep_keys(b, RECV + 120_000).size == 0
+    assert window._keys.nbytes + window._seen.nbytes == nbytes
+    assert len(window) <= window.capacity
+    # Past the window, everything is new again.
+    assert window.keep_keys(b, RECV + 120_000 + 600_001).size == b.size
 
 
 # -- poison messages (issue 14): nothing one message holds stops the batch ----------------
