@@ -311,6 +311,7 @@ def merge_expected(truths: list[Path]) -> Any:
         exp.readings.update(other.readings)
         exp.incidents |= other.incidents
         exp.deadletters.update(other.deadletters)
+        exp.deadletter_topics.update(other.deadletter_topics)
         exp.heartbeats += other.heartbeats
         exp.min_time_ms = min(exp.min_time_ms, other.min_time_ms)
         exp.max_time_ms = max(exp.max_time_ms, other.max_time_ms)
