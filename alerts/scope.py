@@ -26,9 +26,9 @@ from collections.abc import Mapping
 
 import msgspec
 import numpy as np
-from aiokafka.partitioner import murmur2
 
 from alerts.batch import SensorIndex
+from cityops.kafka import partition_for
 
 
 class ScopeInput(msgspec.Struct, array_like=True, frozen=True):
@@ -69,7 +69,7 @@ def decode_input(data: bytes) -> ScopeInput:
 
 def scope_partition(key: str, partitions: int) -> int:
     """The scope-topic partition of ``key``: what ``send(key=...)`` picks (murmur2)."""
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    return partition_for(key.encode(), partitions)
 
 
 class Ownership:

@@ -9,6 +9,8 @@ rather than waiting on metadata that will never come.
 
 from __future__ import annotations
 
+from aiokafka.partitioner import murmur2
+
 from cityops.errors import MissingTopics
 from cityops.settings import Settings
 
@@ -35,3 +37,12 @@ async def require_topics(settings: Settings, topics: list[str]) -> None:
     missing = await missing_topics(settings, topics)
     if missing:
         raise MissingTopics(settings.kafka_bootstrap, missing)
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition ``send(key=...)`` picks for ``key`` among ``partitions`` (murmur2 of
+    the key, as aiokafka's ``DefaultPartitioner`` and the Java client's default do). The
+    one place this is decided: ingest routes records with it, the processors their rollup
+    partials, alerts its scope inputs and the partition a registry sensor lives on."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+

@@ -55,8 +55,8 @@ from aiokafka.errors import (
     ProducerFenced,
     UnknownProducerId,
 )
-from aiokafka.partitioner import DefaultPartitioner
 
+from cityops.kafka import partition_for
 from cityops.settings import Settings
 from ingest.columns import METRIC_NAMES, Normalized
 from ingest.contract import (
@@ -202,7 +202,6 @@ class EventProducer:
         self.settings, self.client_id = settings, client_id
         self.generation = 0  # bumped by ``renew``
         self._producer = self._client()
-        self._partitioner = DefaultPartitioner()
         self._partitions: dict[str, list[int]] = {}
         # topic -> key -> (partition, key bytes): a dict hit instead of murmur2 per record
         self._routes: dict[str, dict[str, tuple[int, bytes]]] = {}
@@ -266,7 +265,7 @@ class EventProducer:
             routes.clear()
         kb = key.encode()
         parts = self._partitions[topic]
-        route = routes[key] = (self._partitioner(kb, parts, parts), kb)
+        route = routes[key] = (parts[partition_for(kb, len(parts))], kb)
         return route
 
     async def submit(self, records: list[OutRecord],

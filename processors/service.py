@@ -39,9 +39,8 @@ import asyncpg
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
-from cityops.kafka import require_topics
+from cityops.kafka import partition_for, require_topics
 from cityops.registry import load_fleet
 from cityops.service import static_member_id
 from cityops.settings import Settings
@@ -67,7 +66,6 @@ from processors.storage import Item, Source, Storage, StoredDeadLetter, WriteRes
 from processors.windows import Grace, WindowCloser, watermark
 
 log = logging.getLogger(__name__)
-_PARTITIONER = DefaultPartitioner()
 
 Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
@@ -291,7 +289,7 @@ class Processor:
             for key, value in msgs:
                 p = self._partition_of.get(key)
                 if p is None:
-                    p = self._partition_of[key] = _PARTITIONER(key, partitions, partitions)
+                    p = self._partition_of[key] = partitions[partition_for(key, len(partitions))]
                 builder = builders.get(p)
                 if builder is None:
                     builder = builders[p] = self.producer.create_batch()
