@@ -623,7 +623,7 @@ class Storage:
                 result.aggregation_s = lap("aggregate")
                 if self.rollup_tables and inserted:
                     await write_marks(conn, marks(stored.time_ms, stored_sensor, stored_metric,
-                                                  self.closed))
+                                                  self.closed, stored.area))
                     lap("rollups")
                 # Every reading of the batch, duplicates included: a redelivered batch
                 # re-derives latest state it may have lost (the merge is a max by time).

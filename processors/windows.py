@@ -240,10 +240,17 @@ class ClosedWindows:
 
 
 def marks(time_ms: npt.NDArray[np.int64], sensor: npt.NDArray[np.integer],
-          metric: npt.NDArray[np.integer], closed: ClosedWindows) -> Marks:
-    """The window marks of some stored readings (vectorized: a few ``np.unique``)."""
+          metric: npt.NDArray[np.integer], closed: ClosedWindows,
+          area: npt.NDArray[np.integer] | None = None) -> Marks:
+    """The window marks of some stored readings (vectorized: a few ``np.unique``).
+
+    A late cell of a window with no stored sensor rollup (``SENSOR_TABLES``) only makes
+    its district's row be recomputed, so with ``area`` (the readings' district and domain
+    codes) one cell per (bucket, area, metric) is marked, its first sensor standing for
+    all: a minute that went late across a city is a few dozen marks, not one per reading.
+    """
     pw, pb, lw, lb, ls, lm = [], [], [], [], [], []
-    for window_s in WINDOWS_S.values():
+    for name, window_s in WINDOWS_S.items():
         width = window_s * 1000
         bucket = time_ms // width * width
         old = closed.closed(window_s, bucket)
@@ -251,11 +258,13 @@ def marks(time_ms: npt.NDArray[np.int64], sensor: npt.NDArray[np.integer],
         pw.append(np.full(recent.size, window_s, np.int32))
         pb.append(recent)
         if old.any():
-            cells = np.unique(np.stack((bucket[old], sensor[old].astype(np.int64),
-                                        metric[old].astype(np.int64))), axis=1)
+            scope = sensor if area is None or name in SENSOR_TABLES else area
+            cells, first = np.unique(np.stack((bucket[old], scope[old].astype(np.int64),
+                                               metric[old].astype(np.int64))),
+                                     axis=1, return_index=True)
             lw.append(np.full(cells.shape[1], window_s, np.int32))
             lb.append(cells[0])
-            ls.append(cells[1].astype(np.int32))
+            ls.append(sensor[old][first].astype(np.int32))
             lm.append(cells[2].astype(np.int16))
 
     def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
