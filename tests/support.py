@@ -17,7 +17,7 @@ from cityops.devices import DeviceStore, apply
 from cityops.registry import Fleet
 from cityops.settings import SECRET_FIELDS, Settings, new_secret
 from cityops.stack import Stack
-from ingest.contract import Event
+from ingest.contract import Event, decode_batches
 
 
 def free_port() -> int:
@@ -124,3 +124,18 @@ def events_in(values: Iterable[bytes | None], fleet: Fleet | None = None) -> lis
     from alerts.engine import registry_places
 
     return decode_values([v or b"" for v in values], registry_places(fleet))
+
+
+def readings(events: list[Event]) -> list[tuple]:
+    """(sensor, metric, time, value, quality) of every reading of ``events``, in order:
+    what a v1 stream carries, to compare with ``decoded``."""
+    return [(e.sensor_id, m, e.event_time, v, e.quality) for e in events
+            if e.kind == "reading" for m, v in e.measurements.items()]
+
+
+def decoded(values: list[bytes]) -> list[tuple]:
+    """The same tuples from contract records (v1 or v2), through ``decode_batches``."""
+    c = decode_batches(values)
+    return list(zip(c.sensor_id().tolist(), c.metric_name().tolist(), c.time.tolist(),
+                    c.value.tolist(), c.quality.tolist(), strict=True))
+

@@ -17,10 +17,11 @@ from hypothesis import settings as hyp_settings
 from cityops.registry import Fleet, load_fleet
 from cityops.settings import Settings
 from ingest import samples
-from ingest.contract import Event, decode_batches
+from ingest.contract import decode_batches
 from ingest.dedup import DuplicateWindow
 from ingest.kafka import COALESCE_MAX_ROWS, v2_records, v2_records_of
 from ingest.normalize import InboundMessage, Normalizer
+from tests.support import decoded, readings
 
 T = 1_795_312_800_123
 RECV = T + 1_500
@@ -70,17 +71,6 @@ def mixed(fleet: Fleet, t: int = T, recv: int = RECV) -> list[InboundMessage]:
         msgs[0],  # a resend
     ]
     return msgs
-
-
-def readings(events: list[Event]) -> list[tuple]:
-    return [(e.sensor_id, m, e.event_time, v, e.quality) for e in events
-            if e.kind == "reading" for m, v in e.measurements.items()]
-
-
-def decoded(values: list[bytes]) -> list[tuple]:
-    c = decode_batches(values)
-    return list(zip(c.sensor_id().tolist(), c.metric_name().tolist(), c.time.tolist(),
-                    c.value.tolist(), c.quality.tolist(), strict=True))
 
 
 @pytest.mark.parametrize("coalesce", [False, True])

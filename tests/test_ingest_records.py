@@ -17,6 +17,7 @@ from ingest.contract import Event, decode_batches, decode_event
 from ingest.dedup import DuplicateWindow
 from ingest.kafka import COALESCE_MAX_ROWS, v1_records, v2_records
 from ingest.normalize import InboundMessage, Normalizer
+from tests.support import decoded, readings
 
 T = 1_795_312_800_123
 RECV = T + 1_500
@@ -35,17 +36,6 @@ def norm(fleet: Fleet) -> Normalizer:
 
 def partition_of(key: str) -> int:
     return DefaultPartitioner()(key.encode(), PARTITIONS, PARTITIONS)
-
-
-def readings(events: list[Event]) -> list[tuple]:
-    return [(e.sensor_id, m, e.event_time, v, e.quality) for e in events
-            if e.kind == "reading" for m, v in e.measurements.items()]
-
-
-def decoded(values: list[bytes]) -> list[tuple]:
-    c = decode_batches(values)
-    return list(zip(c.sensor_id().tolist(), c.metric_name().tolist(), c.time.tolist(),
-                    c.value.tolist(), c.quality.tolist(), strict=True))
 
 
 def test_murmur2_is_the_java_clients() -> None:
