@@ -50,3 +50,15 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e ".[dev]" 2> .venv/pip-install.log || { cat .venv/pip-install.log >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
+
+# The console's browser libraries (MapLibre GL, uPlot, i18next; axe-core for the browser
+# tests) come from npm, pinned by the lock file, and the console serves them itself: an
+# operations center's wall must not depend on a CDN. npm's cache stays in ~/.npm.
+web=alerts/console/web
+wstamp=$web/node_modules/.cityops-installed
+wwant=$(sha256sum $web/package-lock.json | cut -d' ' -f1)
+if [ ! -f "$wstamp" ] || [ "$(cat "$wstamp")" != "$wwant" ]; then
+  echo "bootstrap: installing the console's browser libraries from npm"
+  (cd $web && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  echo "$wwant" > "$wstamp"
+fi

@@ -59,6 +59,10 @@ from cityops.registry import Fleet, FleetError, load_fleet
 from cityops.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
+# Browser libraries from npm (alerts/console/web, installed by scripts/bootstrap.sh), served
+# by the console itself: /vendor/<package>/ is the folder of the package's browser build.
+WEB_MODULES = Path(__file__).parent / "web" / "node_modules"
+VENDOR = {"maplibre-gl": "maplibre-gl/dist", "uplot": "uplot/dist", "i18next": "i18next/dist/esm"}
 log = logging.getLogger(__name__)
 Severity = Literal["critical", "major", "minor", "warning", "info"]
 
@@ -415,6 +419,9 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
     )
     app.state.console = console
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    for package, folder in VENDOR.items():  # check_dir: the API runs without them
+        app.mount(f"/vendor/{package}", StaticFiles(directory=WEB_MODULES / folder,
+                                                    check_dir=False), name=package)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(asyncpg.DataError, _refused_by_database)
