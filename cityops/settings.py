@@ -81,9 +81,12 @@ class Topics:
     # internal to the alerts workers: the inputs of rules spanning sensors, keyed by scope
     # (``alerts.scope``); as many partitions as the events topic
     alerts_scoped: str = "cityops.alerts.scoped"
+    # incident changes (alerts/incidents), keyed by incident id: consoles and notifiers
+    incidents: str = "cityops.incidents"
 
     def all(self) -> tuple[str, ...]:
-        return (self.events, self.deadletter, self.aggregates, self.alerts, self.alerts_scoped)
+        return (self.events, self.deadletter, self.aggregates, self.alerts, self.alerts_scoped,
+                self.incidents)
 
 
 @dataclass(frozen=True, slots=True)

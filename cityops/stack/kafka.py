@@ -246,6 +246,7 @@ async def create_topics(settings: Settings) -> None:
             NewTopic(t.aggregates, 3, 1, topic_configs=cfg),
             NewTopic(t.alerts, 3, 1, topic_configs=cfg),
             NewTopic(t.alerts_scoped, settings.kafka_partitions, 1, topic_configs=cfg),
+            NewTopic(t.incidents, 3, 1, topic_configs=cfg),
         ]
         existing = set(await admin.list_topics())
         new = [nt for nt in wanted if nt.name not in existing]
