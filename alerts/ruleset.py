@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[a-z][a-z0-9_]{1,62}$")
 _TEMPLATE_FIELDS = {"sensor_id", "landmark", "landmark_name", "district", "district_name",
-                    "value", "count", "rule_id", "domain", "type", "metric", "z"}
+                    "value", "count", "rule_id", "domain", "type", "metric", "z", "gateway"}
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Op = Literal["<", "<=", ">", ">="]
@@ -58,15 +58,40 @@ class Match(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sensors: list[str] = []
 
 
+GroupField = Literal["landmark", "district", "gateway", "domain", "sensor"]
+
+
+class Group(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """How a rule's alerts become incidents (``alerts.incidents``), in the spirit of
+    Alertmanager's ``group_by`` / ``group_wait`` / ``group_interval``.
+
+    ``by``: alerts of the rule whose fields agree join one incident (empty: the landmark,
+    else the district). ``interval_s``: an incident stays open this long after its last
+    alert cleared, so an alert of the same cause raised within it joins it again instead
+    of opening a new one. ``wait_s``: a new incident is announced (notifications,
+    webhook) only after this, so the first burst is one announcement. ``storm_per_min``:
+    a rule raising more alerts than this in a minute stops publishing them one by one;
+    they collapse into their incidents (0: never).
+    """
+
+    by: list[GroupField] = []
+    wait_s: NonNegative = 0.0
+    interval_s: NonNegative = 300.0
+    storm_per_min: Annotated[int, msgspec.Meta(ge=0)] = 30
+
+
 class _Rule(msgspec.Struct, tag_field="type", forbid_unknown_fields=True, kw_only=True,
             frozen=True):
     id: str
     severity: Severity = Severity.WARNING
     title: str = ""
+    # the title in other languages (alerts/i18n: vi, en); the console shows the user's
+    titles: dict[str, str] = {}
     description: str = ""
     enabled: bool = True
     match: Match = Match()
     escalate_after_s: Positive | None = None  # critical alerts unacknowledged this long escalate
+    group: Group = Group()
 
 
 class ThresholdRule(_Rule, tag="threshold", frozen=True):
@@ -121,6 +146,19 @@ class CorrelationRule(_Rule, tag="correlation", frozen=True):
     radius_m: Positive = 1000.0
 
 
+class OutageRule(_Rule, tag="outage", frozen=True):
+    """Many active alerts of one rule (``rule``, usually the absence rule) under one
+    district or gateway: the cause above them. Raised when at least ``min_count`` of
+    them and ``min_fraction`` of the place's known sensors are affected; cleared when
+    either falls below half of that. Pair it with an ``inhibit`` entry, so the alerts
+    beneath it leave the operators' list while it holds."""
+
+    rule: str
+    per: Literal["district", "gateway"] = "district"
+    min_count: Annotated[int, msgspec.Meta(ge=1)] = 5
+    min_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+
+
 class Circle(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     lat: float
     lon: float
@@ -155,9 +193,29 @@ class GeofenceRule(_Rule, tag="geofence", frozen=True):
     clear_after_s: Positive = 300.0
 
 
-Rule = ThresholdRule | CountRule | AnomalyRule | AbsenceRule | CorrelationRule | GeofenceRule
+Rule = (ThresholdRule | CountRule | AnomalyRule | AbsenceRule | CorrelationRule | GeofenceRule
+        | OutageRule)
 RULE_TYPES: tuple[str, ...] = ("threshold", "count", "anomaly", "absence", "correlation",
-                               "geofence")
+                               "geofence", "outage")
+SEVERITIES: tuple[str, ...] = tuple(s.value for s in Severity)
+
+
+class InhibitSide(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Which incidents: of these rules (empty: any), at least / at most this severity."""
+
+    rules: list[str] = []
+    min_severity: Severity | None = None  # this severity or worse
+    max_severity: Severity | None = None  # this severity or milder
+
+
+class Inhibit(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An open ``source`` incident suppresses the open ``target`` incidents whose ``equal``
+    fields are the same as its own (Alertmanager's inhibit_rules): they stay open under
+    it and leave the list until it resolves."""
+
+    source: InhibitSide
+    target: InhibitSide
+    equal: list[Literal["landmark", "district", "gateway"]]
 
 
 def rule_input(rule: Rule) -> str:
@@ -172,9 +230,29 @@ def metric_key(rule: ThresholdRule | AnomalyRule) -> str:
     return f"{rule.metric}:{rule.stat}"
 
 
+# fields that do not change what a rule evaluates: editing them keeps its state
+_PRESENTATION = ("titles", "group")
+
+
 def rule_hash(rule: Rule) -> str:
-    """Identity of a rule's definition: state survives reloads only while this is unchanged."""
-    return hashlib.blake2b(msgspec.json.encode(rule), digest_size=8).hexdigest()
+    """Identity of a rule's definition: state survives reloads only while this is unchanged.
+    Titles and grouping are left out: they change what operators see, not the state."""
+    fields = msgspec.to_builtins(rule)
+    for name in _PRESENTATION:
+        fields.pop(name, None)
+    return hashlib.blake2b(msgspec.json.encode(fields), digest_size=8).hexdigest()
+
+
+def rule_title_templates(rules: RuleSet) -> dict[str, dict[str, str]]:
+    """{language: {rule id: title template}} from the rules file: ``titles`` per language,
+    and under ``"*"`` each rule's ``title`` (for languages it does not translate)."""
+    out: dict[str, dict[str, str]] = {"*": {}}
+    for r in rules.rules:
+        if r.title:
+            out["*"][r.id] = r.title
+        for lang, text in r.titles.items():
+            out.setdefault(lang, {})[r.id] = text
+    return out
 
 
 def parse_hhmm(text: str) -> int:
@@ -188,6 +266,7 @@ class RuleSet:
     rules: tuple[Rule, ...]
     digest: str
     source: str = ""
+    inhibit: tuple[Inhibit, ...] = ()
     by_id: dict[str, Rule] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -202,7 +281,7 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
         raise RuleError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("rules"), list):
         raise RuleError(f"{source}: expected a mapping with a 'rules' list")
-    unknown = set(doc) - {"version", "rules"}
+    unknown = set(doc) - {"version", "rules", "inhibit"}
     if unknown:
         raise RuleError(f"{source}: unknown top-level field(s) {sorted(unknown)}")
     rules: list[Rule] = []
@@ -238,8 +317,34 @@ def parse_rules(text: str, source: str = "<rules>") -> RuleSet:
                 if isinstance(other, CorrelationRule) or ref == r.id:
                     raise RuleError(f"{source}: rule {r.id!r}: field 'rules': {ref!r} is a "
                                     "correlation rule; correlations combine other rules")
+        if isinstance(r, OutageRule) and (r.rule not in by_id or r.rule == r.id):
+            raise RuleError(f"{source}: rule {r.id!r}: field 'rule': no other rule with id "
+                            f"{r.rule!r}")
+    inhibit = _parse_inhibit(doc.get("inhibit") or [], by_id, source)
     digest = hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-    return RuleSet(tuple(rules), digest, source)
+    return RuleSet(tuple(rules), digest, source, inhibit)
+
+
+def _parse_inhibit(raw: Any, by_id: dict[str, Rule], source: str) -> tuple[Inhibit, ...]:
+    if not isinstance(raw, list):
+        raise RuleError(f"{source}: 'inhibit': expected a list")
+    out: list[Inhibit] = []
+    for i, item in enumerate(raw):
+        where = f"{source}: inhibit #{i + 1}"
+        try:
+            inh = msgspec.convert(item, Inhibit)
+        except msgspec.ValidationError as exc:
+            raise RuleError(f"{where}: {_field_message(str(exc))}") from None
+        for side in ("source", "target"):
+            for ref in getattr(inh, side).rules:
+                if ref not in by_id:
+                    raise RuleError(f"{where}: field '{side}.rules': no rule with id {ref!r}")
+        if not inh.equal:
+            raise RuleError(f"{where}: field 'equal': name at least one of landmark, "
+                            "district, gateway (an inhibition without it would silence the "
+                            "whole city)")
+        out.append(inh)
+    return tuple(out)
 
 
 def load_rules(path: Path) -> RuleSet:
@@ -274,6 +379,10 @@ def _check(rule: Rule) -> None:
     if not _ID.match(rule.id):
         raise _FieldError("id", "use 2-63 lower-case letters, digits or _, starting with a letter")
     _check_template(rule.title)
+    for lang, text in rule.titles.items():
+        if lang not in ("vi", "en"):
+            raise _FieldError("titles", f"unknown language {lang!r}; use vi or en")
+        _check_template(text)
     _check_match(rule.match)
     if isinstance(rule, ThresholdRule | AnomalyRule):
         _check_metric("metric", rule.metric)

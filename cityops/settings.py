@@ -143,6 +143,13 @@ class Settings:
     # --- Console ------------------------------------------------------------------
     console_secret: str = "cityops-dev-secret-change-me"  # known default: see SECRET_FIELDS
     console_session_s: int = 12 * 3600  # console login lifetime (a night shift)
+    # the language a user sees until they pick one (alerts/i18n: vi, en) and the time zone
+    # every time is shown in, whatever the browser's
+    console_lang: str = "vi"
+    console_timezone: str = "Asia/Ho_Chi_Minh"
+    # a MapLibre style URL (the city's own tile server); empty: the shipped Can Tho GeoJSON
+    # only, which works offline
+    console_map_style_url: str = ""
 
     # --- Alerts (rules -> alert lifecycle; see alerts/service.py) ----------------------
     alerts_group: str = "cityops-alerts"  # Kafka consumer group of `cityops alerts`

@@ -46,6 +46,7 @@ from alerts.console.auth import (
 )
 from alerts.console.feed import AlertFeed
 from alerts.console.geo import VIEWS, render_map
+from alerts.i18n import LANGS, translations
 from alerts.metrics import (
     CONSOLE_ACTIONS,
     CONSOLE_DENIED,
@@ -53,6 +54,7 @@ from alerts.metrics import (
     CONSOLE_STREAMS,
 )
 from alerts.model import Alert, AlertChange, encode_change
+from alerts.ruleset import RuleError, load_rules, rule_title_templates
 from alerts.store import AlertStore, create_pool
 from cityops.city import DISTRICTS_BY_CODE, LANDMARKS_BY_CODE
 from cityops.registry import Fleet, FleetError, load_fleet
@@ -153,6 +155,21 @@ class Me(BaseModel):
     user: str
     role: str
     csrf: str = ""
+    lang: str | None = Field(default=None, description="the language the user picked, if any")
+
+
+class LangIn(BaseModel):
+    lang: Literal["vi", "en"]
+
+
+class ConsoleConfig(BaseModel):
+    """What every page needs before it draws anything."""
+
+    default_lang: str = Field(description="the language a user sees until they pick one")
+    langs: list[str]
+    timezone: str = Field(description="IANA zone every time is shown in")
+    map_style_url: str = Field(description="MapLibre style of the city's tile server; "
+                                           "empty: the shipped Can Tho GeoJSON only")
 
 
 class NoteIn(BaseModel):
@@ -258,6 +275,20 @@ class Console:
         self.store: AlertStore | None = None
         self.producer: AIOKafkaProducer | None = None
         self.maps: dict[str, str] = {}
+        self._rules: tuple[float, dict[str, dict[str, str]]] | None = None
+
+    def rule_titles(self) -> dict[str, dict[str, str]]:
+        """Title templates of the rules file (``rule_title_templates``); re-read when the
+        file changes."""
+        path = self.settings.rules_file
+        try:
+            mtime = path.stat().st_mtime
+            if self._rules is None or self._rules[0] != mtime:
+                self._rules = (mtime, rule_title_templates(load_rules(path)))
+        except (OSError, RuleError) as exc:
+            log.warning("rules file unreadable for titles: %s", exc)
+            return {}
+        return self._rules[1]
 
     async def publish(self, change: AlertChange) -> None:
         assert self.producer
@@ -478,8 +509,34 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
 
     @app.get("/api/me", response_model=Me, tags=["session"])
     async def me(p: Viewer) -> Me:
-        return Me(user=p.name, role=p.role.name.lower(),
+        assert console.pool
+        lang = await console.pool.fetchval("select lang from console_users where username = $1",
+                                           p.name)
+        return Me(user=p.name, role=p.role.name.lower(), lang=lang,
                   csrf=console.sessions.csrf(p.session) if p.via == "session" else "")
+
+    @app.put("/api/me/lang", response_model=Me, tags=["session"])
+    async def set_lang(body: LangIn, p: Viewer) -> Me:
+        """Remember the user's language (every device they log in from gets it)."""
+        assert console.pool
+        await console.pool.execute("update console_users set lang = $2 where username = $1",
+                                   p.name, body.lang)
+        return Me(user=p.name, role=p.role.name.lower(), lang=body.lang,
+                  csrf=console.sessions.csrf(p.session) if p.via == "session" else "")
+
+    @app.get("/api/config", response_model=ConsoleConfig, tags=["session"])
+    async def config() -> ConsoleConfig:
+        """Language, time zone and map style: public, the login page needs them too."""
+        return ConsoleConfig(default_lang=settings.console_lang, langs=list(LANGS),
+                             timezone=settings.console_timezone,
+                             map_style_url=settings.console_map_style_url)
+
+    @app.get("/api/i18n/{lang}", tags=["session"])
+    async def messages(lang: Literal["vi", "en"]) -> dict[str, Any]:
+        """Every message of a language, by namespace (i18next resources; public: the login
+        page is translated too). Rule titles of rules the catalogs do not know come from
+        the rules file."""
+        return translations(lang, console.rule_titles())
 
     # --- alerts ----------------------------------------------------------------------------------
     @app.get("/api/alerts", response_model=list[AlertOut], tags=["alerts"])
