@@ -99,6 +99,7 @@ class SensorIndex:
 
     def __init__(self, registry: dict[str, Place] | None = None) -> None:
         self.registry = registry or {}
+        self.gateways: dict[str, str] = {}  # sensor -> gateway (the fleet's; Engine sets it)
         self.places: dict[str, Place] = dict(self.registry)
         self.codes: dict[str, int] = {}
         self.ids: list[str] = []

@@ -28,6 +28,7 @@ from alerts.evaluators import (
     CorrelationEvaluator,
     CountEvaluator,
     Evaluator,
+    OutageEvaluator,
 )
 from alerts.metrics import EVAL_SECONDS, RULES_EVALUATED, RULES_LOADED
 from alerts.model import Alert, Signal
@@ -53,6 +54,8 @@ class Engine:
     def __init__(self, rules: RuleSet, fleet: Fleet | None = None,
                  lateness_ms: int = DEFAULT_LATENESS_MS) -> None:
         self.index = SensorIndex(registry_places(fleet))
+        # sensor -> gateway, for rules judging gateways (outage per gateway)
+        self.index.gateways = {s.sensor_id: s.gateway for s in fleet or () if s.gateway}
         self.clock = self.index.clock
         self.windows = Windows(self.index, lateness_ms)
         self.evaluators: dict[str, Evaluator] = {}
@@ -209,24 +212,30 @@ class Engine:
                         del ws.values[k]
             self.clock.forget(events_parts)
 
-    def has_correlations(self) -> bool:
-        return any(isinstance(e, CorrelationEvaluator) for e in self.evaluators.values())
+    def _correlators(self, outages: bool) -> list[CorrelationEvaluator]:
+        return [ev for ev in self.evaluators.values() if isinstance(ev, CorrelationEvaluator)
+                and isinstance(ev, OutageEvaluator) == outages]
 
-    def correlated_rules(self) -> list[str]:
-        """The rules whose active alerts the correlation rules read (and their own)."""
+    def has_correlations(self, outages: bool = False) -> bool:
+        """Correlation rules (``outages``: outage rules, which the service runs on a slower
+        clock: they read every active alert of a rule that can have thousands)."""
+        return bool(self._correlators(outages))
+
+    def correlated_rules(self, outages: bool = False) -> list[str]:
+        """The rules whose active alerts the correlation (or outage) rules read, and their
+        own."""
         ids: set[str] = set()
-        for rid, ev in self.evaluators.items():
-            if isinstance(ev, CorrelationEvaluator):
-                ids.add(rid)
-                ids.update(ev.rule.rules)
+        for ev in self._correlators(outages):
+            ids.add(ev.rule.id)
+            ids.update(ev.reads())
         return sorted(ids)
 
-    def correlate(self, active: list[Alert], now_ms: int) -> list[Signal]:
+    def correlate(self, active: list[Alert], now_ms: int, outages: bool = False
+                  ) -> list[Signal]:
         out: list[Signal] = []
-        for ev in self.evaluators.values():
-            if isinstance(ev, CorrelationEvaluator):
-                ev.on_alerts(active, now_ms, out)
-                RULES_EVALUATED.labels("correlation").inc()
+        for ev in self._correlators(outages):
+            ev.on_alerts(active, now_ms, out)
+            RULES_EVALUATED.labels(_kind(ev)).inc()
         return out
 
     # --- checkpointing ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ from alerts.ruleset import (
     CorrelationRule,
     CountRule,
     GeofenceRule,
+    OutageRule,
     Rule,
     ThresholdRule,
     metric_key,
@@ -51,6 +52,7 @@ _DEFAULT_TITLES = {
     "absence": "Sensor {sensor_id} offline",
     "correlation": "Combined incident near {landmark_name}",
     "geofence": "Activity in restricted zone at {landmark_name}",
+    "outage": "{count} sensors offline in {district_name}{gateway}",
 }
 
 
@@ -584,6 +586,10 @@ class CorrelationEvaluator(Evaluator):
     rule: CorrelationRule
     scoped = True
 
+    def reads(self) -> list[str]:
+        """The rules whose active alerts this one reads."""
+        return list(self.rule.rules)
+
     def on_alerts(self, active: list[Alert], now_ms: int, out: list[Signal]) -> None:
         r = self.rule
         by_rule: dict[str, list[Alert]] = {}
@@ -636,8 +642,80 @@ def _nearest_landmark(a: Alert):  # type: ignore[no-untyped-def]
     return min(LANDMARKS, key=lambda lm: distance_m(a.lat, a.lon, lm.lat, lm.lon))  # type: ignore[arg-type]
 
 
+class OutageEvaluator(CorrelationEvaluator):
+    """Many active alerts of one rule under one district or gateway: the cause above them.
+
+    Reads active alerts like a correlation (``Engine.correlate``); a place is judged by
+    the owner of its scope partition (``district:<code>`` / ``gateway:<id>``). A place's
+    size is its sensors in the fleet registry (else the sensors heard from); it holds at
+    ``min_count`` and ``min_fraction`` of them, and clears below half of either, so a few
+    sensors coming back do not make it flap.
+    """
+
+    rule: OutageRule  # type: ignore[assignment]
+
+    def reads(self) -> list[str]:
+        return [self.rule.rule]
+
+    def _place_of(self, a: Alert) -> str:
+        if self.rule.per == "district":
+            return a.district
+        return self.index.gateways.get(a.sensor_id or a.source, "")
+
+    def _sizes(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        places = self.index.registry or self.index.places
+        for sid, p in places.items():
+            where = p.district if self.rule.per == "district" else self.index.gateways.get(sid)
+            if where:
+                sizes[where] = sizes.get(where, 0) + 1
+        return sizes
+
+    def on_alerts(self, active: list[Alert], now_ms: int, out: list[Signal]) -> None:
+        r = self.rule
+        down: dict[str, set[str]] = {}
+        for a in active:
+            if a.rule_id == r.rule and (where := self._place_of(a)):
+                down.setdefault(where, set()).add(a.sensor_id or a.source)
+        sizes = self._sizes()
+        own = self.index.ownership
+        for where, sensors in down.items():
+            key = f"{r.per}:{where}"
+            if own is not None and not own.owns_scope(key):
+                continue
+            n, size = len(sensors), max(sizes.get(where, 0), len(sensors))
+            held = key in self.state
+            lo = 0.5 if held else 1.0  # hysteresis: clears below half of the thresholds
+            if n < r.min_count * lo or n < r.min_fraction * size * lo:
+                continue
+            if held and self.state[key].get("n") == n:
+                continue
+            out.append(self._outage(SignalKind.UPDATE if held else SignalKind.RAISE, key,
+                                    where, now_ms, n, size))
+            self._set(key, {"n": n})
+        for key in list(self.state):
+            where = key.partition(":")[2]
+            n = len(down.get(where, ()))
+            size = max(sizes.get(where, 0), n)
+            if n >= r.min_count * 0.5 and n >= r.min_fraction * size * 0.5:
+                continue
+            out.append(self._outage(SignalKind.CLEAR, key, where, now_ms, n, size))
+            self._set(key, None)
+
+    def _outage(self, kind: SignalKind, key: str, where: str, now_ms: int, n: int,
+                size: int) -> Signal:
+        d = DISTRICTS_BY_CODE.get(where) if self.rule.per == "district" else None
+        place = Place("", "multi", "", where if d else "", "", d.lat if d else 0.0,
+                      d.lon if d else 0.0) if d else None
+        extra: dict[str, Any] = {"count": n, "of": size}
+        if self.rule.per == "gateway":
+            extra["gateway"] = where
+        return self.signal(kind, key, now_ms, place, float(n), **extra)
+
+
 EVALUATORS: dict[type, type[Evaluator]] = {
     ThresholdRule: ThresholdEvaluator, CountRule: CountEvaluator,
     AnomalyRule: AnomalyEvaluator, AbsenceRule: AbsenceEvaluator,
     GeofenceRule: GeofenceEvaluator, CorrelationRule: CorrelationEvaluator,
+    OutageRule: OutageEvaluator,
 }

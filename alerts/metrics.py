@@ -41,6 +41,17 @@ SCOPED_INPUTS = Counter("cityops_alerts_scoped_inputs_total",
                         "Inputs of rules spanning sensors (count per landmark/district) on the "
                         "internal scope topic: published by the events' owner, consumed by the "
                         "scope's owner", ["direction"])
+INCIDENTS_OPENED = Counter("cityops_incidents_opened_total",
+                           "Incidents opened (alerts of one cause grouped)", ["severity"])
+INCIDENT_CHANGES = Counter("cityops_incident_changes_total",
+                           "Incident changes published on the incidents topic", ["action"])
+INCIDENTS_OPEN = Gauge("cityops_incidents_open", "Open incidents on the operators' list "
+                       "(not inhibited)", ["severity"])
+ALERT_CHANGES_COLLAPSED = Counter("cityops_alert_changes_collapsed_total",
+                                  "Alert changes not published one by one because their rule "
+                                  "was storming (they reach consoles as incident changes)")
+RULES_STORMING = Gauge("cityops_alert_rules_storming",
+                       "Rules raising faster than their storm control limit right now")
 
 # console
 CONSOLE_LOGINS = Counter("cityops_console_logins_total", "Console logins", ["result"])

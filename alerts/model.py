@@ -89,6 +89,7 @@ class Alert(msgspec.Struct, kw_only=True):
     updated_at: int
     cleared_at: int | None = None
     cleared_by: str | None = None
+    incident_id: int | None = None  # the incident it belongs to (alerts.incidents)
 
 
 class AlertChange(msgspec.Struct, kw_only=True):

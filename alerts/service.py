@@ -81,6 +81,8 @@ from aiokafka.structs import OffsetAndMetadata
 
 from alerts.decode import decode_row, decode_rows
 from alerts.engine import Engine
+from alerts.incidents.model import encode_incident_change
+from alerts.incidents.store import IncidentStore, count_change
 from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED, SCOPED_INPUTS
 from alerts.model import AlertChange, Signal, encode_change
 from alerts.rows import Rows
@@ -163,6 +165,7 @@ class AlertService:
         self.assigned = False
         self.engine: Engine | None = None
         self.store: AlertStore | None = None
+        self.incidents: IncidentStore | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         self._last_checkpoint = 0.0
@@ -270,7 +273,10 @@ class AlertService:
             self.fleet = load_fleet(s.fleet_file)
         try:  # a database that is away at start-up is waited for, too
             pool = await self._db(partial(create_pool, s.pg_dsn))
-            self.store = store = AlertStore(pool, update_every_s=self.update_every_s)
+            self.incidents = IncidentStore(
+                pool, rules, {x.sensor_id: x.gateway for x in self.fleet or () if x.gateway})
+            self.store = store = AlertStore(pool, update_every_s=self.update_every_s,
+                                            incidents=self.incidents)
             self.engine = Engine(rules, self.fleet,
                                  lateness_ms=int(s.alerts_window_lateness_s * 1000))
             # State is loaded per partition as partitions are assigned (on_assigned).
@@ -281,7 +287,8 @@ class AlertService:
             if self.store is not None:
                 self.store.pool.terminate()
             return
-        await require_topics(s, [s.topics.events, s.topics.alerts, s.topics.alerts_scoped])
+        await require_topics(s, [s.topics.events, s.topics.alerts, s.topics.alerts_scoped,
+                                 s.topics.incidents])
         self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap, group_id=self.group,
@@ -387,10 +394,17 @@ class AlertService:
         if ticked:
             changes += await db(partial(store.escalate, self.settings.alerts_escalate_after_s,
                                         self._escalation_overrides()))
+            if self.incidents is not None:
+                store.push_incident_changes(await db(self.incidents.tick))
             if now - self._last_windows >= 5.0:
                 self._last_windows = now
                 await db(store.load_windows)
                 await db(store.count_active)
+                if self.engine.has_correlations(outages=True):
+                    active = await db(partial(store.active,
+                                              self.engine.correlated_rules(outages=True)))
+                    changes += await self._apply(self.engine.correlate(
+                        active, int(now * 1000), outages=True))
         await self.publish(changes)
         self._clean = True
         await self.checkpoint()
@@ -538,6 +552,8 @@ class AlertService:
             from alerts.metrics import RULE_RELOADS
 
             dropped = self.engine.set_rules(new)
+            if self.incidents is not None:
+                self.incidents.set_rules(new)
             RULE_RELOADS.labels("applied").inc()
             log.info("rules applied", extra={"fields": {"rules": len(new.rules),
                                                           "state_reset": dropped}})
@@ -603,11 +619,24 @@ class AlertService:
         alert, so the console applying it twice shows the same row. Other errors end the
         loop as before (the process is restarted and replays from its checkpoint).
         """
-        if not changes:
-            return
-        await self._send_all(self.settings.topics.alerts,
-                             [(encode_change(c), str(c.alert.alert_id).encode())
-                              for c in changes])
+        incidents = self.store.take_incident_changes() if self.store else []
+        if self.incidents is not None:  # a storming rule's alerts go out as its incidents
+            changes = self.incidents.storm.publishable(changes)
+        if changes:
+            await self._send_all(self.settings.topics.alerts,
+                                 [(encode_change(c), str(c.alert.alert_id).encode())
+                                  for c in changes])
+        if incidents:
+            try:
+                await self._send_all(self.settings.topics.incidents,
+                                     [(encode_incident_change(c),
+                                       str(c.incident.incident_id).encode()) for c in incidents])
+            except BaseException:
+                assert self.store
+                self.store.push_incident_changes(incidents)  # sent with the next batch
+                raise
+            for c in incidents:
+                count_change(c)
 
     async def _publish_inputs(self, inputs: list[ScopeInput]) -> None:
         """The inputs of rules spanning sensors onto the scope topic, keyed by scope, all

@@ -15,10 +15,11 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+from alerts.incidents.model import IncidentChange
 from alerts.metrics import (
     ALERTS_ACTIVE,
     ALERTS_CLEARED,
@@ -30,6 +31,9 @@ from alerts.metrics import (
     EVENT_TO_ALERT,
 )
 from alerts.model import SEVERITY_RANK, Alert, AlertChange, Signal, SignalKind
+
+if TYPE_CHECKING:
+    from alerts.incidents.store import IncidentStore
 
 SYSTEM = "system"
 _COLUMNS = ("rule_id, source, severity, state, title, message, domain, district, landmark, "
@@ -119,8 +123,12 @@ class AlertStore:
     # ``_last_update`` is pruned once it holds this many keys (then at twice what survived)
     FORGET_AT = 1024
 
-    def __init__(self, pool: asyncpg.Pool, *, update_every_s: float = 5.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, update_every_s: float = 5.0,
+                 incidents: IncidentStore | None = None) -> None:
         self.pool = pool
+        # alerts join their incidents in the transaction that writes them (alerts.incidents)
+        self.incidents = incidents
+        self._incident_changes: list[IncidentChange] = []
         self.update_every_s = update_every_s
         self._last_update: dict[tuple[str, str], float] = {}
         self._forget_at = self.FORGET_AT
@@ -190,6 +198,9 @@ class AlertStore:
                     [ch.alert.alert_id for _, ch in written], [SYSTEM] * len(written),
                     [ch.action for _, ch in written],
                     [{"version": ch.alert.version} for _, ch in written])
+            incident_changes = [] if self.incidents is None else \
+                await self.incidents.attach(conn, [ch for _, ch in written])
+        self._incident_changes += incident_changes
         for s, ch in written:  # committed: now it happened
             _count(ch)
             if ch.action == "cleared":
@@ -199,6 +210,16 @@ class AlertStore:
             if ch.action == "raised" and s.receive_ms:
                 EVENT_TO_ALERT.observe(max(0.0, now - s.receive_ms / 1000))
         return [ch for _, ch in written]
+
+    def push_incident_changes(self, changes: list[IncidentChange]) -> None:
+        """Incident changes made outside ``apply`` (the incidents' clock), to publish with
+        the next ones."""
+        self._incident_changes += changes
+
+    def take_incident_changes(self) -> list[IncidentChange]:
+        """The incident changes of the alert changes applied since the last call."""
+        out, self._incident_changes = self._incident_changes, []
+        return out
 
     def _forget_updates(self, now: float) -> None:
         """Drop update-throttle entries older than the throttle period: they no longer
@@ -351,6 +372,8 @@ class AlertStore:
             detail = {"assignee": assignee} if action == "assigned" else None
             change = await self._record(conn, row, action, actor, int(time.time() * 1000),
                                         note=note, detail=detail)
+            if self.incidents is not None and action == "cleared":  # its incident's counts
+                self._incident_changes += await self.incidents.attach(conn, [change])
         _count(change)
         return change
 

@@ -31,7 +31,8 @@ def error_of(text: str) -> str:
 def test_default_rules_file_is_valid_and_covers_every_type() -> None:
     rules = load_rules(DEFAULT_RULES)
     kinds = {type(r).__struct_config__.tag for r in rules.rules}
-    assert kinds == {"threshold", "count", "anomaly", "absence", "correlation", "geofence"}
+    assert kinds == {"threshold", "count", "anomaly", "absence", "correlation", "geofence",
+                     "outage"}
 
 
 @pytest.mark.parametrize(("text", "expected"), [

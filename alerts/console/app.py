@@ -47,6 +47,8 @@ from alerts.console.auth import (
 from alerts.console.feed import AlertFeed
 from alerts.console.geo import VIEWS, render_map
 from alerts.i18n import LANGS, translations
+from alerts.incidents.model import IncidentChange, encode_incident_change
+from alerts.incidents.store import IncidentStore, count_change
 from alerts.metrics import (
     CONSOLE_ACTIONS,
     CONSOLE_DENIED,
@@ -132,6 +134,64 @@ class AlertOut(BaseModel):
     updated_at: int
     cleared_at: int | None = None
     cleared_by: str | None = None
+    incident_id: int | None = None
+
+
+class IncidentOut(BaseModel):
+    """Alerts of one cause (``alerts.incidents``); times are epoch milliseconds UTC."""
+
+    incident_id: int
+    group_key: str = Field(description="rule and grouping fields, e.g. "
+                                        "speed_drop|landmark=street_30_4")
+    rule_id: str
+    state: Literal["open", "resolved"]
+    severity: Severity = Field(description="the highest severity of its alerts")
+    title: str = Field(description="English; consoles render rule_id + title_args in the "
+                                   "user's language")
+    title_args: dict[str, Any] = {}
+    domain: str = ""
+    district: str = ""
+    landmark: str = ""
+    gateway: str = ""
+    lat: float | None = None
+    lon: float | None = None
+    alert_count: int = Field(description="alerts that joined it")
+    active_count: int = Field(description="of them, still active")
+    sensor_count: int
+    first_seen: int
+    last_seen: int
+    acknowledged: bool = False
+    acked_by: str | None = None
+    acked_at: int | None = None
+    assignee: str | None = None
+    storm: bool = Field(default=False, description="its rule raised faster than storm control "
+                                                   "allows: its alerts were not listed one by one")
+    inhibited_by: int | None = Field(default=None, description="the incident suppressing it")
+    announced_at: int | None = None
+    announced_severity: str | None = None
+    resolved_at: int | None = None
+    resolved_by: str | None = None
+    version: int = 1
+    created_at: int
+    updated_at: int
+    inhibits: int = Field(default=0, description="open incidents it suppresses")
+
+
+class TimelineEntry(BaseModel):
+    at: int
+    kind: Literal["alert", "incident"]
+    actor: str
+    action: str
+    alert_id: int | None = None
+    detail: dict[str, Any] = {}
+
+
+class IncidentDetail(BaseModel):
+    incident: IncidentOut
+    alerts: list[AlertOut]
+    inhibited: list[IncidentOut]
+    sensors: list[str]
+    timeline: list[TimelineEntry]
 
 
 class AuditEntry(BaseModel):
@@ -273,6 +333,7 @@ class Console:
         self.feed = AlertFeed(settings)
         self.pool: asyncpg.Pool | None = None
         self.store: AlertStore | None = None
+        self.incidents: IncidentStore | None = None
         self.producer: AIOKafkaProducer | None = None
         self.maps: dict[str, str] = {}
         self._rules: tuple[float, dict[str, dict[str, str]]] | None = None
@@ -294,6 +355,14 @@ class Console:
         assert self.producer
         await self.producer.send_and_wait(self.settings.topics.alerts, encode_change(change),
                                           key=str(change.alert.alert_id).encode())
+
+    async def publish_incident(self, *changes: IncidentChange) -> None:
+        assert self.producer
+        for change in changes:
+            await self.producer.send_and_wait(self.settings.topics.incidents,
+                                              encode_incident_change(change),
+                                              key=str(change.incident.incident_id).encode())
+            count_change(change)
 
 
 def _alert_dict(a: Alert) -> dict[str, Any]:
@@ -422,7 +491,8 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         console.pool = await create_pool(settings.pg_dsn, size=8)
-        console.store = AlertStore(console.pool)
+        console.incidents = IncidentStore(console.pool)
+        console.store = AlertStore(console.pool, incidents=console.incidents)
         console.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap,
                                             linger_ms=1, compression_type=settings.kafka_codec)
         await console.producer.start()
@@ -564,7 +634,78 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
             raise HTTPException(409, f"alert {alert_id} is already cleared")
         CONSOLE_ACTIONS.labels(action).inc()
         await console.publish(change)
+        await console.publish_incident(*store().take_incident_changes())
         return _alert_dict(change.alert)
+
+    # --- incidents -------------------------------------------------------------------------------
+    def incidents() -> IncidentStore:
+        assert console.incidents
+        return console.incidents
+
+    def _incident_dict(inc: Any, inhibits: int = 0) -> dict[str, Any]:
+        return {**msgspec.to_builtins(inc), "inhibits": inhibits}
+
+    @app.get("/api/incidents", response_model=list[IncidentOut], tags=["incidents"])
+    async def list_incidents(p: Reader, state: Literal["open", "resolved"] | None = None,
+                             domain: Filter = None, district: Filter = None,
+                             severity: Severity | None = None,
+                             acknowledged: bool | None = None, include_inhibited: bool = False,
+                             limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> Any:
+        """Incidents, open first, worst first, newest change first; inhibited ones (under
+        a bigger cause) only with include_inhibited."""
+        got = await incidents().search(state=state, domain=domain, district=district,
+                                       severity=severity, acknowledged=acknowledged,
+                                       include_inhibited=include_inhibited, limit=limit)
+        return [_incident_dict(i, n) for i, n in got]
+
+    @app.get("/api/incidents/{incident_id}", response_model=IncidentDetail, tags=["incidents"])
+    async def get_incident(incident_id: Id, p: Reader) -> Any:
+        """An incident, its alerts, what it suppresses, its sensors and its timeline (alert
+        raises and clears, and every action on it)."""
+        got = await incidents().detail(incident_id)
+        if got is None:
+            raise HTTPException(404, f"no incident {incident_id}")
+        got["incident"]["inhibits"] = got.pop("inhibits")
+        return got
+
+    async def _act_incident(incident_id: int, action: str, p: Principal, **kw: Any) -> Any:
+        acted = await incidents().act(incident_id, action, p.name, **kw)
+        if acted is None:
+            if await incidents().get(incident_id) is None:
+                raise HTTPException(404, f"no incident {incident_id}")
+            raise HTTPException(409, f"incident {incident_id} is already resolved")
+        CONSOLE_ACTIONS.labels(f"incident_{action}").inc()
+        await console.publish_incident(acted.change, *acted.released)
+        return _incident_dict(acted.change.incident)
+
+    @app.post("/api/incidents/{incident_id}/acknowledge", response_model=IncidentOut,
+              tags=["incidents"])
+    async def acknowledge_incident(incident_id: Id, p: Operator,
+                                   body: NoteIn | None = None) -> Any:
+        """Operator: I have seen it and I am on it (acknowledges its active alerts)."""
+        return await _act_incident(incident_id, "acknowledged", p,
+                                   note=body.note if body else None)
+
+    @app.post("/api/incidents/{incident_id}/comment", response_model=IncidentOut,
+              tags=["incidents"])
+    async def comment_incident(incident_id: Id, body: CommentIn, p: Operator) -> Any:
+        """Operator: a note in the incident's timeline."""
+        return await _act_incident(incident_id, "commented", p, note=body.note)
+
+    @app.post("/api/incidents/{incident_id}/assign", response_model=IncidentOut,
+              tags=["incidents"])
+    async def assign_incident(incident_id: Id, body: AssignIn, p: Operator) -> Any:
+        """Operator: hand the incident (and its active alerts) to someone."""
+        return await _act_incident(incident_id, "assigned", p, assignee=body.assignee,
+                                   note=body.note)
+
+    @app.post("/api/incidents/{incident_id}/resolve", response_model=IncidentOut,
+              tags=["incidents"])
+    async def resolve_incident(incident_id: Id, p: Operator, body: NoteIn | None = None) -> Any:
+        """Operator: resolved; its active alerts are cleared (their rules raise again only
+        once their condition has ended and started again)."""
+        return await _act_incident(incident_id, "resolved", p,
+                                   note=body.note if body else None)
 
     @app.post("/api/alerts/{alert_id}/acknowledge", response_model=AlertOut, tags=["alerts"])
     async def acknowledge(alert_id: Id, p: Operator, body: NoteIn | None = None) -> Any:
@@ -590,9 +731,11 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
              response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "Server-Sent Events: `event: alert`, data is "
-                                             "an AlertChange (action, actor, at, alert)"}})
+                                             "an AlertChange (action, actor, at, alert); "
+                                             "`event: incident`, data is an IncidentChange "
+                                             "(action, actor, at, incident, note)"}})
     async def stream(request: Request, p: Viewer) -> StreamingResponse:
-        """Live alert changes as Server-Sent Events."""
+        """Live alert and incident changes as Server-Sent Events."""
         sub = console.feed.subscribe()
 
         async def events() -> AsyncIterator[bytes]:
@@ -601,16 +744,17 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
                 yield b"retry: 2000\n: connected\n\n"
                 while True:
                     try:
-                        change = await asyncio.wait_for(sub.queue.get(), 15)
+                        item = await asyncio.wait_for(sub.queue.get(), 15)
                     except TimeoutError:
                         if sub.overflowed:
                             yield b"event: reload\ndata: {}\n\n"
                             return
                         yield b": keep-alive\n\n"
                         continue
-                    if change is None:
+                    if item is None:
                         return
-                    yield b"event: alert\ndata: " + encode_change(change) + b"\n\n"
+                    event, data = item
+                    yield b"event: " + event + b"\ndata: " + data + b"\n\n"
             finally:
                 CONSOLE_STREAMS.dec()
                 console.feed.unsubscribe(sub)

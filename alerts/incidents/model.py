@@ -18,7 +18,7 @@ import msgspec
 
 INCIDENT_ACTIONS: tuple[str, ...] = (
     "opened", "joined", "updated", "acknowledged", "assigned", "commented", "resolved",
-    "inhibited", "released", "escalated")
+    "inhibited", "released", "announced", "storm")
 
 
 class Incident(msgspec.Struct, kw_only=True):
@@ -46,6 +46,8 @@ class Incident(msgspec.Struct, kw_only=True):
     assignee: str | None = None
     storm: bool = False
     inhibited_by: int | None = None
+    announced_at: int | None = None
+    announced_severity: str | None = None
     resolved_at: int | None = None
     resolved_by: str | None = None
     version: int = 1

@@ -25,6 +25,8 @@ create table if not exists alert_incidents (
     assignee       text,
     storm          boolean not null default false, -- its rule raised faster than storm control allows
     inhibited_by   bigint references alert_incidents(incident_id) on delete set null,
+    announced_at   timestamptz,                -- notified (after the rule's group wait)
+    announced_severity text,                   -- at that severity: a worse one announces again
     resolved_at    timestamptz,
     resolved_by    text,
     version        integer not null default 1,
