@@ -1,218 +1,214 @@
-// The alerts console page: the list and the map, kept live by Server-Sent Events.
-"use strict";
-const SEV = ["critical", "major", "minor", "warning", "info"];
-const ROLE = {viewer: 1, operator: 2, supervisor: 3};
-const state = {me: null, alerts: new Map(), places: {districts: {}, landmarks: {}}, view: "center"};
-const $ = (id) => document.getElementById(id);
+// The operators' list: one item per incident (the alerts of one cause), not per alert, so
+// an accident on a street is one thing to look at and act on, however many sensors see it.
+// Kept live by Server-Sent Events (event: incident); the map pane shows the same incidents.
+import { $, SEV, api, badge, boot, can, connectStream, districtName, el, fmtNumber,
+  incidentTitle, placeName, t, toast, when } from "/static/common.js";
+import { fmtTime } from "/static/i18n.js";
+import { cityMap, colourSvg, loadSvg, translateSvg } from "/static/mapfallback.js";
+import { announce, setupDuty } from "/static/duty.js";
 
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v; else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
-    else if (v !== undefined && v !== null) e.setAttribute(k, v);
-  }
-  for (const c of children) if (c !== null && c !== undefined) e.append(c);
-  return e;
-}
+const LIMIT = 500;  // open incidents fetched at once: far more than a shift can look at
+const SHOWN = 300;  // items drawn; the rest are counted under the list
+const state = { incidents: new Map(), complete: true, map: null, flash: new Set() };
 
-function ago(ms) {
-  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
-  if (s < 60) return s + " s ago";
-  if (s < 3600) return Math.floor(s / 60) + " min ago";
-  return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min ago";
-}
-
-function toast(text) {
-  const t = $("toast"); t.textContent = text; t.hidden = false;
-  clearTimeout(toast.timer); toast.timer = setTimeout(() => { t.hidden = true; }, 4000);
-}
-
-async function api(path, opts = {}) {
-  const headers = {"Content-Type": "application/json"};
-  if (state.me && state.me.csrf) headers["X-CSRF-Token"] = state.me.csrf;
-  const r = await fetch(path, {...opts, headers: {...headers, ...(opts.headers || {})}});
-  if (r.status === 401) { location.href = "/login"; throw new Error("signed out"); }
-  if (!r.ok) {
-    let detail = r.statusText;
-    try { detail = (await r.json()).detail || detail; } catch (e) { /* not json */ }
-    throw new Error(detail);
-  }
-  return r.json();
-}
-
-function upsert(alert) {
-  const old = state.alerts.get(alert.alert_id);
-  if (!old || alert.version >= old.version) state.alerts.set(alert.alert_id, alert);
+function upsert(inc) {
+  const old = state.incidents.get(inc.incident_id);
+  if (old && inc.version < old.version) return;
+  if (inc.inhibits === undefined && old) inc.inhibits = old.inhibits;
+  state.incidents.set(inc.incident_id, inc);
 }
 
 function filters() {
-  return {state: $("f-state").value, domain: $("f-domain").value,
-          district: $("f-district").value, ack: $("f-ack").value};
+  return { state: $("f-state").value, domain: $("f-domain").value, district: $("f-district").value,
+    severity: $("f-severity").value, ack: $("f-ack").value };
 }
 
-function visible(a, f) {
-  if (f.state && a.state !== f.state) return false;
-  if (f.domain && a.domain !== f.domain) return false;
-  if (f.district && a.district !== f.district) return false;
-  if (f.ack && String(a.acknowledged) !== f.ack) return false;
+/** Open incidents suppressed by another stay out of the list: their cause is shown. */
+function visible(inc, f) {
+  if (inc.state !== f.state) return false;
+  if (inc.state === "open" && inc.inhibited_by) return false;
+  if (f.domain && inc.domain !== f.domain) return false;
+  if (f.district && inc.district !== f.district) return false;
+  if (f.severity && inc.severity !== f.severity) return false;
+  if (f.ack && String(inc.acknowledged) !== f.ack) return false;
   return true;
 }
 
-function can(role) { return state.me && ROLE[state.me.role] >= ROLE[role]; }
+/** How many open incidents this one suppresses: counted here while every open incident is
+ *  loaded (it follows live changes), else as the server last said. */
+function inhibits(inc) {
+  if (!state.complete) return inc.inhibits || 0;
+  let n = 0;
+  for (const o of state.incidents.values()) if (o.state === "open" && o.inhibited_by === inc.incident_id) n++;
+  return n;
+}
 
-async function act(a, action) {
-  let body = {};
-  if (action === "comment") {
-    const note = prompt("Note for alert #" + a.alert_id);
-    if (!note) return;
-    body = {note};
-  } else if (action === "assign") {
-    const who = prompt("Assign alert #" + a.alert_id + " to", a.assignee || "");
-    if (!who) return;
-    body = {assignee: who};
-  }
+async function acknowledge(inc, button) {
+  button.disabled = true;
   try {
-    upsert(await api(`/api/alerts/${a.alert_id}/${action}`, {method: "POST", body: JSON.stringify(body)}));
+    upsert(await api(`/api/incidents/${inc.incident_id}/acknowledge`, { method: "POST", body: "{}" }));
     schedule();
-  } catch (e) { toast(action + " failed: " + e.message); }
+  } catch (e) {
+    button.disabled = false;
+    toast(t("console:item.ack_failed", { reason: e.text || e.message }), "error");
+  }
 }
 
-async function showDetail(a) {
-  const d = await api(`/api/alerts/${a.alert_id}`);
-  const rows = d.audit.map((x) => el("tr", {}, el("td", {}, new Date(x.at).toLocaleString()),
-    el("td", {}, x.actor), el("td", {}, x.action),
-    el("td", {}, x.detail.note || x.detail.assignee || (x.detail.level ? "level " + x.detail.level : ""))));
-  const body = $("detail-body");
-  body.replaceChildren(
-    el("h3", {}, `#${a.alert_id} ${d.alert.title}`),
-    el("p", {class: "muted"}, `${d.alert.rule_id} · ${d.alert.source} · value ${d.alert.value ?? "–"} · ${d.alert.updates} updates`),
-    d.alert.message ? el("p", {}, d.alert.message) : null,
-    d.alert.sensor_id ? el("p", {}, el("a", {href: "/sensor/" + encodeURIComponent(d.alert.sensor_id)}, "Sensor page →")) : null,
-    el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "when"), el("th", {}, "who"), el("th", {}, "what"), el("th", {}, "note"))),
-      el("tbody", {}, ...rows)));
-  $("detail").showModal();
-}
-
-function card(a) {
-  const place = [state.places.districts[a.district] || a.district,
-                 state.places.landmarks[a.landmark] || a.landmark].filter(Boolean).join(" · ");
-  const ackText = a.acknowledged ? `Acknowledged${a.acked_by ? " by " + a.acked_by : ""}` : "Unacknowledged";
-  const actions = el("div", {class: "actions"});
-  if (can("operator") && !a.acknowledged)
-    actions.append(el("button", {class: "primary ack-btn", onclick: () => act(a, "acknowledge")}, "Acknowledge"));
-  if (can("operator")) actions.append(el("button", {class: "comment-btn", onclick: () => act(a, "comment")}, "Comment"));
-  if (can("supervisor")) actions.append(el("button", {class: "assign-btn", onclick: () => act(a, "assign")}, "Assign"));
-  if (can("supervisor") && a.state === "active")
-    actions.append(el("button", {class: "clear-btn", onclick: () => act(a, "clear")}, "Clear"));
-  return el("li", {class: `alert sev-${a.severity} ${a.state} ${a.acknowledged ? "acked" : "unacked"}`,
-                   "data-alert-id": a.alert_id, "data-state": a.state, "data-ack": String(a.acknowledged)},
-    el("div", {class: "bar " + a.severity}),
-    el("div", {class: "body"},
-      el("div", {class: "row1"}, el("span", {class: "badge " + a.severity}, a.severity),
-        el("span", {class: "title", title: a.title, onclick: () => showDetail(a)}, a.title)),
-      el("div", {class: "meta"},
-        el("span", {class: "alert-state"}, a.state === "active" ? "Active" : "Cleared"),
-        el("span", {class: "state " + (a.acknowledged ? "ack" : "unack")}, ackText),
-        a.assignee ? el("span", {}, "→ " + a.assignee) : null,
-        a.escalation_level ? el("span", {class: "error"}, "escalated ×" + a.escalation_level) : null,
-        el("span", {}, place), el("span", {}, ago(a.raised_at))),
-      actions.childElementCount ? actions : null));
+function item(inc) {
+  const title = incidentTitle(inc);
+  const n = inhibits(inc);
+  const place = inc.landmark ? [placeName(inc.landmark, ""), districtName(inc.district)].filter(Boolean).join(", ")
+    : districtName(inc.district);
+  const ack = inc.acknowledged
+    ? el("span", { class: "ack-state ack" }, inc.acked_by ? t("common:ack.by", { user: inc.acked_by }) : t("common:ack.yes"))
+    : el("span", { class: "ack-state unack" }, t("common:ack.no"));
+  const actions = [];
+  if (can("operator") && inc.state === "open" && !inc.acknowledged) {
+    const b = el("button", { type: "button", class: "primary ack-btn",
+      "aria-label": t("console:item.ack_aria", { title }) }, t("console:item.ack"));
+    b.addEventListener("click", () => acknowledge(inc, b));
+    actions.push(b);
+  }
+  return el("li", { class: `incident sev-${inc.severity} ${inc.state} ${inc.acknowledged ? "acked" : "unacked"}${state.flash.has(inc.incident_id) ? " flash" : ""}`,
+    "data-incident-id": inc.incident_id, "data-state": inc.state, "data-ack": String(inc.acknowledged),
+    "data-sev": inc.severity },
+  el("div", { class: "bar " + inc.severity }),
+  el("div", { class: "body" },
+    el("div", { class: "row1" }, badge(inc.severity),
+      el("a", { class: "title", href: `/incident/${inc.incident_id}`, title }, title),
+      inc.storm ? el("span", { class: "tag storm", title: t("console:item.storm_help") }, t("console:item.storm")) : null,
+      n ? el("span", { class: "tag inhibits", title: t("console:item.inhibits_help") },
+        t("console:item.inhibits", { count: n, n: fmtNumber(n) })) : null),
+    el("div", { class: "meta" },
+      el("span", { class: "counts-line" },
+        t("console:item.alerts", { count: inc.alert_count, n: fmtNumber(inc.alert_count) }), " · ",
+        t("console:item.sensors", { count: inc.sensor_count, n: fmtNumber(inc.sensor_count) })),
+      place ? el("span", { class: "place" }, place) : null,
+      ack,
+      inc.assignee ? el("span", { class: "assignee" }, t("common:assigned_to", { user: inc.assignee })) : null,
+      el("span", { class: "times" }, t("console:item.seen", { first: when(inc.first_seen), last: when(inc.last_seen) })),
+      inc.state === "resolved" ? el("span", { class: "resolved" }, t("console:item.resolved_at", { at: when(inc.resolved_at) })) : null),
+    actions.length ? el("div", { class: "actions" }, ...actions) : null));
 }
 
 function render() {
   const f = filters();
-  const list = [...state.alerts.values()].filter((a) => visible(a, f)).sort((x, y) =>
-    (x.state === y.state ? 0 : x.state === "active" ? -1 : 1) ||
-    SEV.indexOf(x.severity) - SEV.indexOf(y.severity) || y.updated_at - x.updated_at);
-  $("alert-list").replaceChildren(...list.slice(0, 300).map(card));
+  const rank = (i) => SEV.indexOf(i.severity);
+  const list = [...state.incidents.values()].filter((i) => visible(i, f)).sort((x, y) =>
+    (f.state === "open" ? rank(x) - rank(y) : 0) || Math.max(y.updated_at, y.last_seen) - Math.max(x.updated_at, x.last_seen));
+  $("incident-list").replaceChildren(...list.slice(0, SHOWN).map(item));
   $("empty").hidden = list.length > 0;
-  const active = [...state.alerts.values()].filter((a) => a.state === "active");
+  $("empty").textContent = t(f.state === "open" ? "console:empty_open" : "console:empty_resolved");
+  $("more").hidden = list.length <= SHOWN;
+  $("more").textContent = t("console:more", { n: fmtNumber(list.length - SHOWN) });
+  const open = [...state.incidents.values()].filter((i) => i.state === "open" && !i.inhibited_by);
   $("counts").replaceChildren(...SEV.map((s) => {
-    const n = active.filter((a) => a.severity === s).length;
-    return n ? el("span", {class: "count " + s, "data-sev": s}, `${n} ${s}`) : null;
+    const n = open.filter((i) => i.severity === s).length;
+    return n ? el("span", { class: "count " + s, "data-sev": s }, t("console:count", { n: fmtNumber(n), severity: t(`common:severity.${s}`) })) : null;
   }).filter(Boolean));
-  colourMap(active);
+  if (!open.length) $("counts").append(el("span", { class: "muted" }, t("console:no_open")));
+  drawMap(open);
 }
 
-function colourMap(active) {
-  const svg = $("map").querySelector("svg");
-  if (!svg) return;
-  svg.querySelectorAll("[class*='sev-'], [class*='alert-']").forEach((e) => {
-    e.classList.remove(...SEV.map((s) => "sev-" + s), ...SEV.map((s) => "alert-" + s));
-  });
-  const worst = (m, k, s) => { if (k && (!m.has(k) || SEV.indexOf(s) < SEV.indexOf(m.get(k)))) m.set(k, s); };
-  const bySensor = new Map(), byDistrict = new Map(), byLandmark = new Map();
-  for (const a of active) {
-    worst(bySensor, a.sensor_id, a.severity); worst(byDistrict, a.district, a.severity);
-    worst(byLandmark, a.landmark, a.severity);
+let pending = false;
+function schedule() {
+  if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; render(); }); }
+}
+
+async function load() {
+  const got = await api(`/api/incidents?state=open&include_inhibited=true&limit=${LIMIT}`);
+  for (const inc of [...state.incidents.values()]) if (inc.state === "open") state.incidents.delete(inc.incident_id);
+  state.complete = got.length < LIMIT;
+  got.forEach(upsert);
+  if ($("f-state").value === "resolved") {
+    const f = filters();
+    const q = new URLSearchParams({ state: "resolved", limit: String(LIMIT) });
+    for (const k of ["domain", "district", "severity"]) if (f[k]) q.set(k, f[k]);
+    (await api(`/api/incidents?${q}`)).forEach(upsert);
   }
-  for (const [k, s] of bySensor) svg.querySelectorAll(`[data-sensor="${CSS.escape(k)}"]`).forEach((e) => e.classList.add("sev-" + s));
-  for (const [k, s] of byDistrict) svg.querySelectorAll(`.district[data-district="${CSS.escape(k)}"]`).forEach((e) => e.classList.add("alert-" + s));
-  for (const [k, s] of byLandmark) svg.querySelectorAll(`.road[data-landmark="${CSS.escape(k)}"], .landmark[data-landmark="${CSS.escape(k)}"]`).forEach((e) => e.classList.add("alert-" + s));
+  schedule();
 }
 
+function onIncident(change) {
+  upsert(change.incident);
+  if (announce(change)) {
+    const id = change.incident.incident_id;
+    state.flash.add(id);
+    setTimeout(() => { state.flash.delete(id); schedule(); }, 12000);
+  }
+  schedule();
+}
+
+// --- the map pane ---------------------------------------------------------------------------
+async function setupMap() {
+  const got = await cityMap($("map"), { view: "center" });
+  state.map = got.map;
+  $("map-missing").hidden = got.map !== null || got.svg;
+  for (const b of document.querySelectorAll(".view-btn")) b.addEventListener("click", async () => {
+    document.querySelectorAll(".view-btn").forEach((x) => x.classList.toggle("active", x === b));
+    if (state.map) { if (b.dataset.view === "city") state.map.fitCity(); else state.map.focusDistrict("ninh_kieu"); }
+    else { await loadSvg($("map"), b.dataset.view); schedule(); }
+  });
+  window.addEventListener("resize", () => state.map && state.map.resize());
+  schedule();
+}
+
+function drawMap(open) {
+  if (state.map) state.map.setIncidents(open);
+  else colourSvg($("map"), open);
+}
+
+// --- maintenance windows (supervisors) -----------------------------------------------------------
 async function loadWindows() {
   const rows = await api("/api/maintenance");
-  $("maint-list").replaceChildren(...rows.map((w) => el("tr", {"data-window-id": w.window_id},
-    el("td", {}, w.scope), el("td", {}, w.target), el("td", {}, new Date(w.ends_at).toLocaleString()),
-    el("td", {}, w.reason), el("td", {}, w.created_by),
-    el("td", {}, el("button", {class: "link", onclick: async () => {
-      await api(`/api/maintenance/${w.window_id}`, {method: "DELETE"}); loadWindows();
-    }}, "end")))));
+  $("maint-empty").hidden = rows.length > 0;
+  $("maint-list").replaceChildren(...rows.map((w) => el("tr", { "data-window-id": w.window_id },
+    el("td", {}, t(`console:maint.scopes.${w.scope}`)),
+    el("td", {}, w.scope === "district" ? districtName(w.target) : w.scope === "landmark" ? placeName(w.target, "") : w.target),
+    el("td", {}, fmtTime(w.ends_at)), el("td", {}, w.reason), el("td", {}, w.created_by),
+    el("td", {}, el("button", { type: "button", class: "link", onclick: async () => {
+      await api(`/api/maintenance/${w.window_id}`, { method: "DELETE" }); loadWindows();
+    } }, t("console:maint.end"))))));
 }
 
 async function addWindow(e) {
   e.preventDefault();
   try {
-    await api("/api/maintenance", {method: "POST", body: JSON.stringify({
+    await api("/api/maintenance", { method: "POST", body: JSON.stringify({
       scope: $("m-scope").value, target: $("m-target").value.trim(),
-      duration_s: Math.round(Number($("m-minutes").value) * 60), reason: $("m-reason").value})});
+      duration_s: Math.round(Number($("m-minutes").value) * 60), reason: $("m-reason").value }) });
     $("m-target").value = ""; $("m-reason").value = "";
     loadWindows();
-  } catch (err) { toast("maintenance window refused: " + err.message); }
+  } catch (err) { toast(t("console:maint.refused", { reason: err.text || err.message }), "error"); }
 }
 
-let pending = false;
-function schedule() { if (!pending) { pending = true; requestAnimationFrame(() => { pending = false; render(); }); } }
-
-async function loadMap(view) {
-  state.view = view;
-  document.querySelectorAll(".view-btn").forEach((b) => b.classList.toggle("active", b.dataset.view === view));
-  const r = await fetch("/api/map.svg?view=" + view);
-  $("map").innerHTML = await r.text();  // our own server's SVG; labels are escaped there
-  schedule();
-}
-
-async function loadAlerts() {
-  for (const a of await api("/api/alerts?limit=1000")) upsert(a);
-  schedule();
-}
-
-function connect() {
-  const es = new EventSource("/api/stream");
-  es.onopen = () => { $("live").className = "live on"; loadAlerts(); };
-  es.onerror = () => { $("live").className = "live off"; };
-  es.addEventListener("alert", (m) => { upsert(JSON.parse(m.data).alert); schedule(); });
-  es.addEventListener("reload", () => { es.close(); state.alerts.clear(); connect(); });
+function fillDistricts() {
+  const sel = $("f-district"), keep = sel.value;
+  const names = t("places:districts", { returnObjects: true });
+  sel.replaceChildren(el("option", { value: "", "data-i18n": "console:filters.all" }, t("console:filters.all")),
+    ...Object.keys(names).map((code) => el("option", { value: code }, names[code])));
+  sel.value = keep;
 }
 
 async function main() {
-  state.me = await api("/api/me");
-  $("me").textContent = `${state.me.user} (${state.me.role})`;
-  document.body.dataset.role = state.me.role;
-  state.places = await api("/api/places");
-  for (const [code, name] of Object.entries(state.places.districts))
-    $("f-district").append(el("option", {value: code}, name));
-  for (const id of ["f-state", "f-domain", "f-district", "f-ack"]) $(id).addEventListener("change", schedule);
-  document.querySelectorAll(".view-btn").forEach((b) => b.addEventListener("click", () => loadMap(b.dataset.view)));
+  await boot();
+  fillDistricts();
+  setupDuty();
+  $("f-state").addEventListener("change", () => load().catch((e) => toast(e.text || e.message, "error")));
+  for (const id of ["f-domain", "f-district", "f-severity", "f-ack"]) $(id).addEventListener("change", schedule);
+  $("f-district").addEventListener("change", () => { if (state.map && $("f-district").value) state.map.focusDistrict($("f-district").value); });
   if (can("supervisor")) {
     $("maint-open").hidden = false;
     $("maint-open").addEventListener("click", async () => { await loadWindows(); $("maint").showModal(); });
     $("maint-form").addEventListener("submit", addWindow);
   }
-  $("logout").addEventListener("click", async () => { await api("/api/logout", {method: "POST"}); location.href = "/login"; });
-  connect();
-  loadMap(state.view);
-  setInterval(schedule, 30000);  // refresh the "x min ago" texts
+  document.addEventListener("langchange", () => {
+    fillDistricts(); schedule();
+    if (!state.map) translateSvg($("map"));
+    if ($("maint").open) loadWindows();
+  });
+  connectStream({ open: () => load().catch((e) => toast(e.text || e.message, "error")), incident: onIncident });
+  setupMap();
+  setInterval(schedule, 60000);  // "today" becomes a date after midnight
 }
 main();
