@@ -556,6 +556,15 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
             return RedirectResponse("/login", 303)
         return _page("sensor.html")
 
+    @app.get("/incident/{incident_id}", include_in_schema=False)
+    async def incident_page(incident_id: str, request: Request) -> Response:
+        """The incident's page; the page itself asks the API for the incident (and shows
+        "not found" there), so any id gets the page once logged in."""
+        p = await principal(request)
+        if p is None or p.via != "session":
+            return RedirectResponse("/login", 303)
+        return _page("incident.html")
+
     # --- session --------------------------------------------------------------------------------
     @app.post("/api/login", response_model=Me, tags=["session"])
     async def login(body: LoginIn, response: Response) -> Me:
