@@ -1,15 +1,16 @@
-"""The console in a real headless Chromium: log in, watch an alert arrive live, act on it.
+"""The console in a real headless Chromium: log in, watch an alert's incident arrive live,
+act on it, look at a sensor, set a maintenance window.
 
 Everything is real: the alerts service consumes a scripted event from Kafka, stores the
-alert in PostgreSQL, publishes it; the console streams it to the page over SSE.
-Screenshots land in tests/artifacts/ for a human to look at.
+alert and its incident in PostgreSQL, publishes them; the console streams them to the page
+over SSE. The incident pages, both languages, accessibility and notifications are in
+tests/test_console_incidents_browser.py. Screenshots land in tests/artifacts/ for a human
+to look at.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
-import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -17,20 +18,18 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from playwright.async_api import BrowserContext, Page, Playwright, async_playwright, expect
+from playwright.async_api import BrowserContext, Playwright, async_playwright, expect
 
 from alerts.console.auth import create_user
 from alerts.store import create_pool
 from alerts.testing import ConsoleServer, EventProducer, RunningService, make_event, now_ms
 from cityops.registry import load_fleet
 from cityops.settings import Settings
+from tests.browser import chromium, sign_in
 from tests.support import free_port
 
 pytestmark = pytest.mark.browser
 RUN = uuid.uuid4().hex[:6]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 USERS = {"viewer": f"viewer-{RUN}", "operator": f"operator-{RUN}",
          "supervisor": f"supervisor-{RUN}"}
 PASSWORD = "browser-pass-1"
@@ -85,78 +84,67 @@ async def playwright() -> AsyncIterator[Playwright]:
 
 @pytest.fixture
 async def context(playwright: Playwright) -> AsyncIterator[BrowserContext]:
-    """A fresh Chromium profile per test; HOME/TMPDIR kept inside a throwaway folder."""
-    with tempfile.TemporaryDirectory(prefix="cityops-chromium-") as home:
-        profile = Path(home) / "profile"
-        ctx = await playwright.chromium.launch_persistent_context(
-            str(profile), executable_path="/usr/bin/chromium", headless=True,
-            args=CHROMIUM_ARGS, env={"HOME": home, "TMPDIR": home},
-            viewport={"width": 1366, "height": 768})
-        try:
-            yield ctx
-        finally:
-            await ctx.close()
-
-
-async def sign_in(page: Page, console: ConsoleServer, user: str, password: str) -> None:
-    await page.goto(console.url + "/")
-    await expect(page).to_have_url(console.url + "/login")
-    await page.fill("#username", user)
-    await page.fill("#password", password)
-    await page.click("#login-button")
+    """A fresh Chromium profile per test (tests/browser.py)."""
+    async with chromium(playwright) as ctx:
+        yield ctx
 
 
 async def test_login_rejects_wrong_password(context: BrowserContext,
                                             console: ConsoleServer) -> None:
     page = context.pages[0] if context.pages else await context.new_page()
     await sign_in(page, console, USERS["operator"], "not-the-password")
-    await expect(page.locator("#login-error")).to_have_text("Wrong user name or password.")
+    await expect(page.locator("#login-error")).to_have_text("Sai tên đăng nhập hoặc mật khẩu.")
     await expect(page).to_have_url(console.url + "/login")
     assert not [c for c in await context.cookies() if c["name"] == "cityops_session"]
 
 
-async def test_operator_sees_alert_live_and_acknowledges(
+async def test_operator_sees_incident_live_and_acknowledges(
         context: BrowserContext, console: ConsoleServer, alerts_service: None,
         settings: Settings, pool: asyncpg.Pool, artifacts: Path) -> None:
     page = context.pages[0] if context.pages else await context.new_page()
     await sign_in(page, console, USERS["operator"], PASSWORD)
     await expect(page).to_have_url(console.url + "/")
-    await expect(page.locator("#me")).to_have_text(f"{USERS['operator']} (operator)")
+    await expect(page.locator("#me")).to_have_text(f"{USERS['operator']} (vận hành)")
     await expect(page.locator("#live")).to_have_class("live on")
-    await expect(page.locator("#map svg .district")).to_have_count(9)
+    await expect(page.locator("#map svg .district").first).to_be_visible()
+    # the rule is not in the console's rules file: the server's English title is shown
     title = f"Jam on 30/4 street {RUN}"
-    item = page.locator("li.alert", has_text=title)
+    item = page.locator("li.incident", has_text=title)
     await expect(item).to_have_count(0)
     # a slow reading goes through Kafka, the rules and PostgreSQL to this open page
     async with EventProducer(settings) as prod:
         await prod.send(make_event(JAM.sensor_id, now_ms(), landmark=JAM.landmark,
                                    lat=JAM.lat, lon=JAM.lon, speed_kmh=4))
     await expect(item).to_have_count(1, timeout=15_000)
-    await expect(item.locator(".state")).to_have_text("Unacknowledged")
-    await expect(item.locator(".badge")).to_have_text("major")
-    await expect(page.locator(f'#map [data-sensor="{JAM.sensor_id}"]')).to_have_class(
-        "sensor dom-traffic sev-major")
-    # the district shows its worst active alert (other tests may have left a critical one)
+    await expect(item.locator(".ack-state")).to_have_text("Chưa tiếp nhận")
+    await expect(item.locator(".badge")).to_have_text("cao")
+    await expect(item.locator(".counts-line")).to_have_text("1 cảnh báo · 1 cảm biến")
+    # the district shows its worst open incident (other tests may have left a critical one)
     await expect(page.locator('#map .district[data-district="ninh_kieu"]')).to_have_class(
         re.compile(r"district alert-(critical|major)"))
     await page.screenshot(path=str(artifacts / "console-1366x768.png"))
     await page.locator("#map").screenshot(path=str(artifacts / "console-map-center.png"))
     await item.locator(".ack-btn").click()
-    await expect(item.locator(".state")).to_have_text(f"Acknowledged by {USERS['operator']}")
+    await expect(item.locator(".ack-state")).to_have_text(f"{USERS['operator']} đã tiếp nhận")
     await expect(item.locator(".ack-btn")).to_have_count(0)
-    # the state change was stored, with who did it
-    aid = int(await item.get_attribute("data-alert-id") or 0)
-    row = await pool.fetchrow("select acknowledged, acked_by from alerts where alert_id=$1", aid)
+    # the incident and its alert were acknowledged, with who did it
+    iid = int(await item.get_attribute("data-incident-id") or 0)
+    row = await pool.fetchrow("select acknowledged, acked_by from alert_incidents "
+                              "where incident_id = $1", iid)
+    assert row["acknowledged"] and row["acked_by"] == USERS["operator"]
+    row = await pool.fetchrow("select acknowledged, acked_by from alerts where incident_id = $1 "
+                              "and sensor_id = $2", iid, JAM.sensor_id)
     assert row["acknowledged"] and row["acked_by"] == USERS["operator"]
     await page.click('button[data-view="city"]')
     await expect(page.locator("#map svg")).to_have_attribute("data-view", "city")
+    await expect(page.locator("#map svg .district")).to_have_count(9)
     await page.locator("#map").screenshot(path=str(artifacts / "console-map-city.png"))
     # the same console on a phone
     phone = await context.new_page()
     await phone.set_viewport_size({"width": 390, "height": 844})
     await phone.goto(console.url + "/")
-    await expect(phone.locator("li.alert", has_text=title)).to_have_count(1)
-    box = await phone.locator("li.alert", has_text=title).bounding_box()
+    await expect(phone.locator("li.incident", has_text=title)).to_be_visible()
+    box = await phone.locator("li.incident", has_text=title).bounding_box()
     assert box is not None and box["width"] <= 390
     await phone.screenshot(path=str(artifacts / "console-phone.png"), full_page=True)
 
@@ -165,22 +153,22 @@ async def test_viewer_has_no_acknowledge_and_api_refuses(
         context: BrowserContext, console: ConsoleServer, alerts_service: None,
         settings: Settings) -> None:
     page = context.pages[0] if context.pages else await context.new_page()
-    async with EventProducer(settings) as prod:  # make sure an unacknowledged alert exists
+    async with EventProducer(settings) as prod:  # make sure the incident exists
         await prod.send(make_event(JAM.sensor_id, now_ms(), landmark=JAM.landmark,
                                    lat=JAM.lat, lon=JAM.lon, speed_kmh=4))
     await sign_in(page, console, USERS["viewer"], PASSWORD)
-    await expect(page.locator("#me")).to_have_text(f"{USERS['viewer']} (viewer)")
-    item = page.locator("li.alert", has_text=f"Jam on 30/4 street {RUN}")
+    await expect(page.locator("#me")).to_have_text(f"{USERS['viewer']} (theo dõi)")
+    item = page.locator("li.incident", has_text=f"Jam on 30/4 street {RUN}")
     await expect(item).to_have_count(1, timeout=15_000)
-    await expect(page.locator("li.alert").first).to_be_visible()
-    assert await page.locator("button.ack-btn, button.clear-btn, button.comment-btn").count() == 0
-    aid = await item.get_attribute("data-alert-id")
-    status = await page.evaluate("""async (aid) => {
+    await expect(page.locator("li.incident").first).to_be_visible()
+    assert await page.locator("button.ack-btn, #duty:visible, #maint-open:visible").count() == 0
+    iid = await item.get_attribute("data-incident-id")
+    status = await page.evaluate("""async (iid) => {
         const me = await (await fetch('/api/me')).json();
-        const r = await fetch(`/api/alerts/${aid}/acknowledge`, {method: 'POST',
+        const r = await fetch(`/api/incidents/${iid}/acknowledge`, {method: 'POST',
             headers: {'X-CSRF-Token': me.csrf, 'Content-Type': 'application/json'}, body: '{}'});
         return [r.status, (await r.json()).detail];
-    }""", aid)
+    }""", iid)
     assert status == [403, "requires the operator role"]
 
 
@@ -209,36 +197,48 @@ async def test_sensor_page_latest_values_and_sparkline(
     await page.screenshot(path=str(artifacts / "sensor-page.png"))
 
 
-async def test_supervisor_comments_assigns_clears_and_silences(
+async def test_supervisor_comments_assigns_resolves_and_silences(
         context: BrowserContext, console: ConsoleServer, pool: asyncpg.Pool,
         artifacts: Path) -> None:
+    from alerts.incidents.store import IncidentStore
     from alerts.model import Signal, SignalKind
     from alerts.store import AlertStore
 
     title = f"Door forced {RUN}"
-    (change,) = await AlertStore(pool).apply([Signal(
+    (change,) = [c for c in await AlertStore(pool, incidents=IncidentStore(pool)).apply([Signal(
         kind=SignalKind.RAISE, rule_id="browser_door", source=f"t{RUN}-door", at_ms=now_ms(),
         severity="critical", title=title, sensor_id=f"t{RUN}-door", domain="security",
-        district="o_mon", landmark="o_mon_power")])
+        district="o_mon", landmark="o_mon_power")]) if c.action == "raised"]
+    iid = await pool.fetchval("select incident_id from alerts where alert_id = $1",
+                              change.alert.alert_id)
     page = context.pages[0] if context.pages else await context.new_page()
-    answers = iter(["gate camera checked", "team-b"])
-    page.on("dialog", lambda d: asyncio.ensure_future(d.accept(next(answers))))
     await sign_in(page, console, USERS["supervisor"], PASSWORD)
-    item = page.locator(f'li.alert[data-alert-id="{change.alert.alert_id}"]')
-    await expect(item.locator(".title")).to_have_text(title)
-    await item.locator(".comment-btn").click()
-    await item.locator(".assign-btn").click()
-    await expect(item).to_contain_text("→ team-b")
-    await item.locator(".clear-btn").click()
-    await expect(item).to_have_count(0)  # the active filter hides it
-    await page.select_option("#f-state", "cleared")
-    await expect(item.locator(".alert-state")).to_have_text("Cleared")
+    item = page.locator(f'li.incident[data-incident-id="{iid}"]')
+    await expect(item.locator(".title")).to_have_text(f"{title} — O Mon power center")
+    await item.locator(".title").click()
+    await expect(page).to_have_url(f"{console.url}/incident/{iid}")
+    await page.fill("#comment", "gate camera checked")
+    await page.click("#act-comment")
+    await expect(page.locator('#timeline li[data-action="commented"]')).to_have_count(1)
+    await page.fill("#assignee", "team-b")
+    await page.click("#act-assign")
+    await expect(page.locator("#f-assignee")).to_have_text("team-b")
+    await page.click("#act-resolve")
+    await page.click("#resolve-confirm")
+    await expect(page.locator("#inc-state")).to_have_attribute("data-state", "resolved")
+    await page.goto(console.url + "/")
+    await expect(page.locator("li.incident").first).to_be_visible()
+    await expect(item).to_have_count(0)  # the open filter hides it
+    await page.select_option("#f-state", "resolved")
+    await expect(item.locator(".resolved")).to_be_visible()
+    # the incident's actions reached its alert's trail too (a comment stays on the incident)
     trail = [(r["actor"], r["action"]) for r in await pool.fetch(
         "select actor, action from alert_audit where alert_id = $1 order by audit_id",
         change.alert.alert_id)]
     sup = USERS["supervisor"]
-    assert trail == [("system", "raised"), (sup, "commented"), (sup, "assigned"),
-                     (sup, "cleared")]
+    assert trail == [("system", "raised"), (sup, "assigned"), (sup, "resolved")]
+    assert await pool.fetchval("select state from alerts where alert_id = $1",
+                               change.alert.alert_id) == "cleared"
     # a maintenance window for a district, from the console
     await page.click("#maint-open")
     await page.select_option("#m-scope", "district")
