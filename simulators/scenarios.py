@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from cityops.city import LANDMARKS_BY_CODE, landmark
+from cityops.city import DISTRICTS_BY_CODE, LANDMARKS_BY_CODE, landmark
 from simulators.behaviour import KINDS, FleetArrays, Incident, Window
 from simulators.clock import DAY_MS, HOUR_MS, TZ_OFFSET_MS
 
@@ -296,7 +296,7 @@ class Intrusion(Scenario):
 class _DeviceFault(Scenario):
     """Shared parts of faults that pick a share of the fleet's devices."""
 
-    defaults: ClassVar[dict[str, str]] = {"share": "0.05", "target": ""}
+    defaults: ClassVar[dict[str, str]] = {"share": "0.05", "target": "", "district": ""}
 
     def pick(self, setup: Setup, kinds: tuple[str, ...] | None = None) -> np.ndarray:
         fa = setup.fa
@@ -304,6 +304,11 @@ class _DeviceFault(Scenario):
         if self.params["target"]:
             code = self.p_landmark()
             ok &= fa.landmark == (fa.landmarks.index(code) if code in fa.landmarks else -1)
+        if self.params["district"]:  # a whole district's devices (a power or network cut)
+            code = self.params["district"]
+            if code not in DISTRICTS_BY_CODE:
+                raise ScenarioError(f"scenario {self.name!r}: unknown district {code!r}")
+            ok &= np.array([s.district == code for s in fa.fleet.sensors], dtype=bool)
         if kinds is not None:
             ok &= np.isin(fa.kind, [KINDS.index(k) for k in kinds])
         pool = np.flatnonzero(ok)
@@ -320,8 +325,8 @@ class _DeviceFault(Scenario):
 
 class Offline(_DeviceFault):
     """Sensors go offline: ``after`` the start, a ``share`` of the devices (optionally only
-    at landmark ``target``) stop sending anything at all.
-    Parameters: share (0.05), after (10m), target (any)."""
+    at landmark ``target`` or in ``district``) stop sending anything at all.
+    Parameters: share (0.05), after (10m), target (any), district (any)."""
 
     name = "offline"
     defaults: ClassVar[dict[str, str]] = {**_DeviceFault.defaults, "after": "10m"}
