@@ -262,6 +262,8 @@ class WebhookSender:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        except Exception:  # the service is stopping: say so, do not stop its shutdown
+            log.exception("webhook sender ended with an error")
 
     async def run(self) -> None:
         """The loop: deliver what is due, then sleep until woken or the next is due. A
