@@ -156,14 +156,16 @@ class Gridlock(Scenario):
 
 class Accident(Scenario):
     """Accident with spreading congestion: ``after`` the start, a crash blocks ``target``
-    at its middle detector. The queue grows upstream one detector every two minutes, with
-    severity fading with distance; downstream traffic thins. After ``duration`` the road is
-    cleared and traffic recovers over 15 minutes.
-    Parameters: target (default nguyen_van_cu), after (5m), duration (40m)."""
+    at its middle detector. The queue grows upstream one detector every ``every``, with
+    severity fading by ``fade`` per detector of distance; downstream traffic thins. After
+    ``duration`` the road is cleared and traffic recovers over 15 minutes. (A street with
+    detectors every few metres, as the load fleet's, fills faster: ``every=10s``.)
+    Parameters: target (default nguyen_van_cu), after (5m), duration (40m), every (2m),
+    fade (0.12)."""
 
     name = "accident"
     defaults: ClassVar[dict[str, str]] = {"target": "nguyen_van_cu", "after": "5m",
-                                          "duration": "40m"}
+                                          "duration": "40m", "every": "2m", "fade": "0.12"}
 
     def prepare(self, setup: Setup) -> None:
         sensors = self.sensors_at(setup, self.p_landmark(), "traffic")
@@ -173,6 +175,10 @@ class Accident(Scenario):
         self.sensors = sensors
         self.t_crash = setup.start_ms + self.p_ms("after")
         self.t_clear = self.t_crash + self.p_ms("duration")
+        self.every_ms = self.p_ms("every")
+        self.fade = self.p_float("fade")
+        if self.every_ms <= 0 or not 0 <= self.fade <= 1:
+            raise ScenarioError("scenario 'accident': every must be positive, fade in [0, 1]")
 
     def apply(self, w: Window, fa: FleetArrays) -> None:
         if w.t1 <= self.t_crash or w.t0 > self.t_clear + 900_000:
@@ -184,9 +190,9 @@ class Accident(Scenario):
         mid = fa.group_size[s] // 2
         # detectors upstream of the crash (negative: downstream)
         d = (mid - fa.rank[s]).astype(np.int64)
-        reached = t >= self.t_crash + np.maximum(d, 0) * 120_000
+        reached = t >= self.t_crash + np.maximum(d, 0) * self.every_ms
         recover = _ramp(1 - (t - self.t_clear) / 900_000)
-        sev = np.where(d >= 0, np.maximum(0.3, 1 - 0.12 * d), 0.0) * reached * recover
+        sev = np.where(d >= 0, np.maximum(0.3, 1 - self.fade * d), 0.0) * reached * recover
         down = np.where(d < 0, 0.5, 0.0) * (t >= self.t_crash) * recover
         idx = np.flatnonzero(m)
         w.speed_factor[idx] *= 1 - 0.85 * sev

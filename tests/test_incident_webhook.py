@@ -471,3 +471,58 @@ async def test_the_alerts_service_runs_the_sender_and_stops_it(
         assert row["delivered_at"] is not None and row["last_status"] == 204
         assert [r.incident_id for r in rx.requests].count(inc.incident_id) == 1
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "webhook-sender"]
+
+
+# --- end to end: a critical event through the alerts service to the receiver ------------------
+async def test_a_critical_incident_reaches_a_flaky_receiver_exactly_once(
+        settings: Settings, pool: asyncpg.Pool, tmp_path: Any) -> None:
+    """A panic button pressed twice at one landmark and once at another: the alerts
+    service groups them into two critical incidents, announces each once, and the
+    receiver that refuses every delivery's first two tries gets each incident once."""
+    from alerts.testing import EventProducer, make_event, now_ms
+
+    rule = f"panic_e2e_{RUN}"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(f"""
+rules:
+  - id: {rule}
+    type: count
+    severity: critical
+    title: "Panic at {{landmark_name}}"
+    incidents: [panic]
+    count: 1
+    window_s: 900
+    per: sensor
+    group: {{by: [landmark], wait_s: 0}}
+""")
+    async with Receiver(lambda req, n: _status(500 if n <= 2 else 200)) as rx:
+        svc = RunningService(hook_settings(settings, rx.url), rules, f"alerts-hook-e2e-{RUN}",
+                             tick_s=0.2, update_every_s=0.0)
+        await svc.start()
+        try:
+            t = now_ms()
+            async with EventProducer(settings) as prod:
+                await prod.send(*(make_event(f"{rule}-{i}", t + i, landmark=lm,
+                                             domain="security", incident="panic")
+                                  for i, lm in enumerate(("night_market", "night_market",
+                                                          "ctu"))))
+            for _ in range(300):  # up to 30 s: two incidents delivered
+                if len({r.incident_id for r in rx.ok()}) >= 2:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # anything sent twice would have arrived by now
+        finally:
+            await svc.stop()
+    incidents = {r["incident_id"]: r["landmark"] for r in await pool.fetch(
+        "select incident_id, landmark from alert_incidents where rule_id = $1", rule)}
+    assert sorted(incidents.values()) == ["ctu", "night_market"]
+    ok = Counter(r.incident_id for r in rx.ok())
+    assert ok == Counter({i: 1 for i in incidents})  # each once with a 2xx
+    tries = Counter(r.incident_id for r in rx.requests)
+    assert tries == Counter({i: 3 for i in incidents})  # after two refusals each
+    assert await pool.fetchval("select alert_count from alert_incidents where rule_id = $1 "
+                               "and landmark = 'night_market'", rule) == 2
+
+
+async def _status(code: int) -> int:
+    return code

@@ -38,7 +38,7 @@ def published(city: City, tmp_path_factory: pytest.TempPathFactory) -> City:
     stats = publish_load(
         city.settings, tmp_path_factory.mktemp("incidents") / "truth.bin", seed=16,
         start_ms=start, rate=3000, count=int(SIM_MINUTES * 60 * 116.4),
-        scenarios=("accident:target=street_30_4,after=2m,duration=30m",
+        scenarios=("accident:target=street_30_4,after=2m,duration=30m,every=10s,fade=0.002",
                    "offline:share=1,district=o_mon,after=4m"))
     assert stats.sent > 0
     return city

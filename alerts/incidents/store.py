@@ -30,6 +30,7 @@ from alerts.i18n import rule_title, translate
 from alerts.incidents.grouping import DEFAULT_GROUP, Grouped, group_config, group_of
 from alerts.incidents.model import Incident, IncidentChange
 from alerts.incidents.storm import StormControl
+from alerts.incidents.webhook import enqueue_critical
 from alerts.metrics import INCIDENT_CHANGES, INCIDENTS_OPEN, INCIDENTS_OPENED
 from alerts.model import SEVERITY_RANK, Alert, AlertChange
 from alerts.ruleset import SEVERITIES, Group, Inhibit, InhibitSide, RuleSet
@@ -272,8 +273,6 @@ class IncidentStore:
                                   {"severity": c.incident.severity}) for c in changes])
         critical = [c.incident for c in changes if c.incident.severity == "critical"]
         if critical:
-            from alerts.incidents.webhook import enqueue_critical
-
             await enqueue_critical(conn, critical)
         return changes
 
