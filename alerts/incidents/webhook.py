@@ -40,6 +40,7 @@ import httpx
 import msgspec
 
 from alerts.incidents.model import Incident
+from alerts.incidents.texts import incident_titles
 from alerts.metrics import WEBHOOK_DELIVERIES, WEBHOOK_DELIVERY_SECONDS, WEBHOOK_PENDING
 from cityops.settings import Settings
 from ingest.backoff import Backoff
@@ -147,8 +148,9 @@ async def enqueue_critical(conn: asyncpg.Connection, incidents: Sequence[Inciden
     critical = [i for i in incidents if i.severity == "critical"]
     if not critical:
         return 0
-    payloads = [_encoder.encode({**msgspec.to_builtins(i), "event": EVENT_CRITICAL}).decode()
-                for i in critical]
+    # the heading in each language, for a receiver that posts it to people (Zalo, SMS)
+    payloads = [_encoder.encode({**msgspec.to_builtins(i), "event": EVENT_CRITICAL,
+                                 "titles": incident_titles(i)}).decode() for i in critical]
     status = await conn.execute(_ENQUEUE, [i.incident_id for i in critical], payloads,
                                 KIND_CRITICAL)
     added = int(status.rsplit(" ", 1)[-1])  # "INSERT 0 <rows>"
