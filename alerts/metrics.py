@@ -58,3 +58,16 @@ CONSOLE_LOGINS = Counter("cityops_console_logins_total", "Console logins", ["res
 CONSOLE_ACTIONS = Counter("cityops_console_actions_total", "Operator actions", ["action"])
 CONSOLE_STREAMS = Gauge("cityops_console_streams", "Open live alert streams (SSE)")
 CONSOLE_DENIED = Counter("cityops_console_denied_total", "Requests refused", ["reason"])
+
+# webhook of critical incidents (alerts/incidents/webhook.py; each alerts worker runs a sender)
+WEBHOOK_DELIVERIES = Counter("cityops_webhook_deliveries_total",
+                             "Webhook attempts by outcome: delivered (2xx), retry (transient "
+                             "failure, tried again later), failed (refused or out of attempts: "
+                             "given up)", ["outcome"])
+WEBHOOK_PENDING = Gauge("cityops_webhook_pending",
+                        "Incident notifications neither delivered nor given up (the outbox, as "
+                        "this worker's sender last counted it)")
+WEBHOOK_DELIVERY_SECONDS = Histogram(
+    "cityops_webhook_delivery_seconds",
+    "From the notification enqueued (the incident became critical) to the receiver's 2xx",
+    buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600))

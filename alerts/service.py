@@ -83,6 +83,7 @@ from alerts.decode import decode_row, decode_rows
 from alerts.engine import Engine
 from alerts.incidents.model import encode_incident_change
 from alerts.incidents.store import IncidentStore, count_change
+from alerts.incidents.webhook import WebhookSender
 from alerts.metrics import BATCH_SIZE, DEADLETTERS, EVENTS, PARKED, SCOPED_INPUTS
 from alerts.model import AlertChange, Signal, encode_change
 from alerts.rows import Rows
@@ -269,6 +270,9 @@ class AlertService:
         s = self.settings
         self._stop = stop
         rules = self.rules_file.load()
+        # critical incidents to the webhook receiver: a task of its own (own connection),
+        # started with the consumer; a malformed URL stops the service here, at once
+        webhook = WebhookSender(s) if s.webhook_url else None
         if self.fleet is None and s.fleet_file.is_file():
             self.fleet = load_fleet(s.fleet_file)
         try:  # a database that is away at start-up is waited for, too
@@ -297,6 +301,8 @@ class AlertService:
             enable_auto_commit=False, auto_offset_reset="latest", max_poll_records=5000,
             fetch_min_bytes=s.kafka_fetch_min_bytes, fetch_max_wait_ms=s.kafka_fetch_max_wait_ms)
         await self.producer.start()
+        if webhook is not None:
+            webhook.start()
         try:
             await self.consumer.start()
             self.consumer.subscribe([s.topics.events, s.topics.alerts_scoped],
@@ -305,6 +311,8 @@ class AlertService:
                 "rules": len(rules.rules), "group": self.group}})
             await self._loop(stop)
         finally:
+            if webhook is not None:
+                await webhook.stop()
             if self._clean and self.db_ok:
                 with contextlib.suppress(Exception):
                     await self.checkpoint(force=True)

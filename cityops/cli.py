@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cityops.errors import ConfigError
-from cityops.settings import SERVICE_SECRETS, Settings, SettingsError
+from cityops.settings import Settings, SettingsError
 
 SERVICES: dict[str, tuple[str, str]] = {
     "ingest": ("ingest.cli", "MQTT -> normalize -> Kafka events and dead letters"),
@@ -118,7 +118,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if problem:
         print(f"cityops: {problem}", file=sys.stderr)
         return 2
-    weak = settings.default_secrets(SERVICE_SECRETS.get(args.command, ()))
+    weak = settings.default_secrets(settings.service_secrets(args.command))
     if weak:  # dev_mode let it through
         logging.getLogger("cityops").warning(
             "dev_mode: %s runs with well-known default %s", args.command, ", ".join(weak))

@@ -31,7 +31,7 @@ CREDENTIALS_FILE = "credentials.toml"
 # once per installation (``cityops stack up`` -> credentials.toml), production passes them
 # from its secret store (deploy/compose/.env, the Kubernetes ``cityops-secrets`` Secret).
 SECRET_FIELDS = ("mqtt_ingest_password", "mqtt_admin_password", "pg_password",
-                 "console_secret")
+                 "console_secret", "webhook_secret")
 # Settings that existed once and may still sit in an older credentials.toml: the shared
 # sensor account is gone (every device has its own identity, cityops/devices.py).
 RETIRED_FIELDS = frozenset({"mqtt_sensor_user", "mqtt_sensor_password"})
@@ -43,6 +43,11 @@ SERVICE_SECRETS: dict[str, tuple[str, ...]] = {
     "alerts": ("pg_password",),
     "console": ("console_secret", "pg_password"),
 }
+# Secrets a service needs only while a feature is on: secret -> the setting that turns the
+# feature on (non-empty). An installation without a webhook receiver needs no webhook secret.
+FEATURE_SECRETS: dict[str, dict[str, str]] = {
+    "alerts": {"webhook_secret": "webhook_url"},
+}
 # Values anyone can guess because they are in this source tree, its history, the deploy
 # examples or every tutorial: a service refuses to start with one of them (outside
 # dev_mode), so a forgotten setting can never mean a forgeable session or an open broker.
@@ -51,7 +56,7 @@ KNOWN_DEFAULT_SECRETS = frozenset({
     "secret", "changeme", "change-me", "changeit", "password", "passw0rd", "admin", "test",
     "dev", "postgres", "cityops", "mosquitto", "sensors", "ingest", "ops",
     "replace-me-sensors", "replace-me-ingest", "replace-me-ops", "replacemepostgres",
-    "replace-me-with-64-random-hex-characters",
+    "replace-me-with-64-random-hex-characters", "replace-me-webhook",
 })
 
 
@@ -162,6 +167,17 @@ class Settings:
     alerts_window_lateness_s: float = 10.0
     alerts_update_every_s: float = 5.0  # at most one "updated" change per alert this often
     alerts_escalate_after_s: float = 300.0  # critical + unacknowledged this long: escalate
+
+    # --- Webhook for critical incidents (alerts/incidents/webhook.py) ------------------
+    # Each incident that opens at or rises to critical is POSTed once to this URL (signed
+    # with webhook_secret, X-Cityops-Signature), retried on transient failures with capped,
+    # jittered back-off (ingest.backoff) and given up after webhook_max_attempts tries.
+    webhook_url: str = ""  # the receiver; empty: no webhook (nothing is sent)
+    webhook_secret: str = ""  # HMAC-SHA256 key shared with the receiver; see SECRET_FIELDS
+    webhook_timeout_s: float = 5.0  # one attempt, connect to last byte of the answer
+    webhook_max_attempts: int = 8  # then the notification is marked failed
+    webhook_retry_first_s: float = 1.0  # back-off after the first failed attempt
+    webhook_retry_cap_s: float = 60.0  # longest back-off between attempts
 
     # --- Ingest (MQTT -> normalize -> Kafka; see ingest/service.py) -------------------
     ingest_transport: str = "asyncio"  # MQTT client: asyncio (lean) | paho-thread | aiomqtt
@@ -304,13 +320,20 @@ class Settings:
                 found.append(name)
         return found
 
+    def service_secrets(self, service: str) -> tuple[str, ...]:
+        """The secrets ``service`` needs with these settings: those it always reads
+        (SERVICE_SECRETS) and those of the features that are on (FEATURE_SECRETS)."""
+        on = tuple(name for name, switch in FEATURE_SECRETS.get(service, {}).items()
+                   if getattr(self, switch))
+        return SERVICE_SECRETS.get(service, ()) + on
+
     def secrets_problem(self, service: str) -> str | None:
         """One line saying why ``service`` must not start with these settings, or None.
 
         Called by ``cityops <service>`` before anything else runs: a known default secret
         in production means a forgeable console session or an MQTT account anyone can use.
         """
-        weak = self.default_secrets(SERVICE_SECRETS.get(service, ()))
+        weak = self.default_secrets(self.service_secrets(service))
         if not weak or self.dev_mode:
             return None
         envs = ", ".join(f"CITYOPS_{n.upper()}" for n in weak)

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from cityops.city import LANDMARKS_BY_CODE, landmark
+from cityops.city import DISTRICTS_BY_CODE, LANDMARKS_BY_CODE, landmark
 from simulators.behaviour import KINDS, FleetArrays, Incident, Window
 from simulators.clock import DAY_MS, HOUR_MS, TZ_OFFSET_MS
 
@@ -156,14 +156,16 @@ class Gridlock(Scenario):
 
 class Accident(Scenario):
     """Accident with spreading congestion: ``after`` the start, a crash blocks ``target``
-    at its middle detector. The queue grows upstream one detector every two minutes, with
-    severity fading with distance; downstream traffic thins. After ``duration`` the road is
-    cleared and traffic recovers over 15 minutes.
-    Parameters: target (default nguyen_van_cu), after (5m), duration (40m)."""
+    at its middle detector. The queue grows upstream one detector every ``every``, with
+    severity fading by ``fade`` per detector of distance; downstream traffic thins. After
+    ``duration`` the road is cleared and traffic recovers over 15 minutes. (A street with
+    detectors every few metres, as the load fleet's, fills faster: ``every=10s``.)
+    Parameters: target (default nguyen_van_cu), after (5m), duration (40m), every (2m),
+    fade (0.12)."""
 
     name = "accident"
     defaults: ClassVar[dict[str, str]] = {"target": "nguyen_van_cu", "after": "5m",
-                                          "duration": "40m"}
+                                          "duration": "40m", "every": "2m", "fade": "0.12"}
 
     def prepare(self, setup: Setup) -> None:
         sensors = self.sensors_at(setup, self.p_landmark(), "traffic")
@@ -173,6 +175,10 @@ class Accident(Scenario):
         self.sensors = sensors
         self.t_crash = setup.start_ms + self.p_ms("after")
         self.t_clear = self.t_crash + self.p_ms("duration")
+        self.every_ms = self.p_ms("every")
+        self.fade = self.p_float("fade")
+        if self.every_ms <= 0 or not 0 <= self.fade <= 1:
+            raise ScenarioError("scenario 'accident': every must be positive, fade in [0, 1]")
 
     def apply(self, w: Window, fa: FleetArrays) -> None:
         if w.t1 <= self.t_crash or w.t0 > self.t_clear + 900_000:
@@ -184,9 +190,9 @@ class Accident(Scenario):
         mid = fa.group_size[s] // 2
         # detectors upstream of the crash (negative: downstream)
         d = (mid - fa.rank[s]).astype(np.int64)
-        reached = t >= self.t_crash + np.maximum(d, 0) * 120_000
+        reached = t >= self.t_crash + np.maximum(d, 0) * self.every_ms
         recover = _ramp(1 - (t - self.t_clear) / 900_000)
-        sev = np.where(d >= 0, np.maximum(0.3, 1 - 0.12 * d), 0.0) * reached * recover
+        sev = np.where(d >= 0, np.maximum(0.3, 1 - self.fade * d), 0.0) * reached * recover
         down = np.where(d < 0, 0.5, 0.0) * (t >= self.t_crash) * recover
         idx = np.flatnonzero(m)
         w.speed_factor[idx] *= 1 - 0.85 * sev
@@ -296,7 +302,7 @@ class Intrusion(Scenario):
 class _DeviceFault(Scenario):
     """Shared parts of faults that pick a share of the fleet's devices."""
 
-    defaults: ClassVar[dict[str, str]] = {"share": "0.05", "target": ""}
+    defaults: ClassVar[dict[str, str]] = {"share": "0.05", "target": "", "district": ""}
 
     def pick(self, setup: Setup, kinds: tuple[str, ...] | None = None) -> np.ndarray:
         fa = setup.fa
@@ -304,6 +310,11 @@ class _DeviceFault(Scenario):
         if self.params["target"]:
             code = self.p_landmark()
             ok &= fa.landmark == (fa.landmarks.index(code) if code in fa.landmarks else -1)
+        if self.params["district"]:  # a whole district's devices (a power or network cut)
+            code = self.params["district"]
+            if code not in DISTRICTS_BY_CODE:
+                raise ScenarioError(f"scenario {self.name!r}: unknown district {code!r}")
+            ok &= np.array([s.district == code for s in fa.fleet.sensors], dtype=bool)
         if kinds is not None:
             ok &= np.isin(fa.kind, [KINDS.index(k) for k in kinds])
         pool = np.flatnonzero(ok)
@@ -320,8 +331,8 @@ class _DeviceFault(Scenario):
 
 class Offline(_DeviceFault):
     """Sensors go offline: ``after`` the start, a ``share`` of the devices (optionally only
-    at landmark ``target``) stop sending anything at all.
-    Parameters: share (0.05), after (10m), target (any)."""
+    at landmark ``target`` or in ``district``) stop sending anything at all.
+    Parameters: share (0.05), after (10m), target (any), district (any)."""
 
     name = "offline"
     defaults: ClassVar[dict[str, str]] = {**_DeviceFault.defaults, "after": "10m"}

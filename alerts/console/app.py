@@ -847,6 +847,36 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
         CONSOLE_ACTIONS.labels("token_revoked").inc()
         return {"revoked": True}
 
+    # --- webhook deliveries (alerts/incidents/webhook.py) -------------------------------------
+    from alerts.incidents.webhook import recent_deliveries
+
+    class WebhookDeliveryOut(BaseModel):
+        """A notification of the critical-incident webhook; times are epoch ms UTC."""
+
+        notification_id: int = Field(description="sent as X-Cityops-Delivery")
+        incident_id: int
+        kind: str = Field(description="what was notified, e.g. critical")
+        title: str | None = None
+        status: Literal["pending", "delivered", "failed"]
+        attempts: int
+        last_status: int | None = Field(default=None,
+                                        description="HTTP status of the last attempt")
+        last_error: str | None = Field(default=None,
+                                       description="what went wrong in the last failed attempt")
+        created_at: int
+        next_attempt_at: int | None = Field(default=None, description="while pending")
+        delivered_at: int | None = None
+        failed_at: int | None = Field(default=None, description="given up")
+
+    @app.get("/api/webhooks/deliveries", response_model=list[WebhookDeliveryOut],
+             tags=["webhooks"])
+    async def webhook_deliveries(p: Supervisor,
+                                 limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> Any:
+        """Supervisor: the latest webhook notifications, newest first: pending, delivered
+        or failed (given up), with attempts and the last error."""
+        assert console.pool
+        return await recent_deliveries(console.pool, limit)
+
     # --- sensors and the map ---------------------------------------------------------------------
     @app.get("/api/sensors/{sensor_id}", response_model=SensorOut, tags=["sensors"])
     async def sensor(sensor_id: SensorId, p: Reader) -> Any:

@@ -26,10 +26,11 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from alerts.i18n import rule_title, translate
 from alerts.incidents.grouping import DEFAULT_GROUP, Grouped, group_config, group_of
 from alerts.incidents.model import Incident, IncidentChange
 from alerts.incidents.storm import StormControl
+from alerts.incidents.texts import incident_title
+from alerts.incidents.webhook import enqueue_critical
 from alerts.metrics import INCIDENT_CHANGES, INCIDENTS_OPEN, INCIDENTS_OPENED
 from alerts.model import SEVERITY_RANK, Alert, AlertChange
 from alerts.ruleset import SEVERITIES, Group, Inhibit, InhibitSide, RuleSet
@@ -52,20 +53,6 @@ def row_to_incident(row: asyncpg.Record) -> Incident:
     if isinstance(d.get("title_args"), str):
         d["title_args"] = json.loads(d["title_args"])
     return Incident(**d)
-
-
-def incident_title(lang: str, rule_id: str, args: dict[str, Any], place_field: str,
-                   fallback: str = "") -> str:
-    """The incident's heading: the rule's group name (or title) and the place."""
-    group_name = translate(lang, f"rules:group.{rule_id}", default="")
-    rule_text = group_name or rule_title(lang, rule_id, args, fallback)
-    if place_field in ("landmark", "district"):
-        place = translate(lang, f"places:{place_field}s.{args.get(place_field, '')}",
-                          default=str(args.get(place_field, "")))
-    else:
-        place = str(args.get(place_field) or args.get("source") or "")
-    return translate(lang, "incidents:title", {"rule_title": rule_text, "place": place}) \
-        if place else rule_text
 
 
 def _side_sql(side: InhibitSide, alias: str, args: list[Any]) -> str:
@@ -272,8 +259,6 @@ class IncidentStore:
                                   {"severity": c.incident.severity}) for c in changes])
         critical = [c.incident for c in changes if c.incident.severity == "critical"]
         if critical:
-            from alerts.incidents.webhook import enqueue_critical
-
             await enqueue_critical(conn, critical)
         return changes
 
