@@ -144,12 +144,17 @@ async function setupMap() {
   const got = await cityMap($("map"), { view: "center" });
   state.map = got.map;
   $("map-missing").hidden = got.map !== null || got.svg;
+  if (state.map) {  // the city map opens on the whole city
+    document.querySelectorAll(".view-btn").forEach((x) => x.classList.toggle("active", x.dataset.view === "city"));
+  }
   for (const b of document.querySelectorAll(".view-btn")) b.addEventListener("click", async () => {
     document.querySelectorAll(".view-btn").forEach((x) => x.classList.toggle("active", x === b));
     if (state.map) { if (b.dataset.view === "city") state.map.fitCity(); else state.map.focusDistrict("ninh_kieu"); }
     else { await loadSvg($("map"), b.dataset.view); schedule(); }
   });
   window.addEventListener("resize", () => state.map && state.map.resize());
+  // sensors' states change without an incident changing: refresh them now and then
+  if (state.map && state.map.refreshSensors) setInterval(() => state.map.refreshSensors().catch(() => {}), 30000);
   schedule();
 }
 

@@ -324,7 +324,7 @@ async function drawInset() {
   const inc = state.detail.incident;
   if (state.inset === null && !state.insetSvg) {
     state.inset = undefined;  // loading
-    const got = await cityMap($("inset"), { view: "center", inset: true });
+    const got = await cityMap($("inset"), { view: "center", padding: 12 });
     state.inset = got.map; state.insetSvg = got.svg;
     $("inset-missing").hidden = got.map !== null || got.svg;
     if (state.inset && inc.district) state.inset.focusDistrict(inc.district);
@@ -352,7 +352,7 @@ async function main() {
   if (can("operator")) setupActions();
   else $("inc-actions").remove();  // nothing to act with, not even hidden
   $("show-all").addEventListener("click", () => { state.showAll = !state.showAll; drawSensors(); });
-  document.addEventListener("langchange", () => { for (const c of state.charts.values()) c.fetchedAt = Date.now(); draw(); });
+  document.addEventListener("langchange", draw);  // charts are redrawn from the readings they have
   await load();
   connectStream({ open: reloadSoon, incident: onIncident, alert: onAlert });
   setInterval(() => state.detail && drawSensors(), SERIES_REFRESH_MS);

@@ -2,15 +2,20 @@
 // else the server's SVG drawing of Can Tho (GET /api/map.svg) coloured by incident, so a
 // page never breaks or waits because the richer map is missing or fails.
 import { SEV, districtName, placeName, t } from "/static/common.js";
-import { has, lang } from "/static/i18n.js";
+import { has } from "/static/i18n.js";
 
 let serverNames = null;  // the SVG's district labels (server names) -> district codes
 
-/** ``{map, svg}``: the map.js handle (null without it), or whether the SVG was drawn. */
+/** ``{map, svg}``: the map.js handle (null without it or without WebGL), or whether the
+ *  SVG was drawn instead. ``opts`` go to createCityMap; ``view`` (center | city) is the
+ *  SVG's. */
 export async function cityMap(container, opts = {}) {
   try {
     const mod = await import("./map.js");
-    return { map: await mod.createCityMap(container, { lang: lang(), ...opts }), svg: false };
+    const map = await mod.createCityMap(container, opts);
+    // its sensors, coloured by state; a failure leaves the map with its incidents
+    if (typeof map.refreshSensors === "function") map.refreshSensors().catch(() => {});
+    return { map, svg: false };
   } catch (e) {
     return { map: null, svg: await loadSvg(container, opts.view || "center") };
   }
