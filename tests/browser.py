@@ -15,9 +15,11 @@ from playwright.async_api import BrowserContext, Page, Playwright, expect
 from alerts.testing import ConsoleServer
 from cityops.settings import PROJECT_ROOT
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
+# --enable-unsafe-swiftshader: WebGL (the MapLibre city map) on Chromium's software renderer,
+# as there is no GPU; the page falls back to the SVG map without it.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 AXE = PROJECT_ROOT / "alerts" / "console" / "web" / "node_modules" / "axe-core" / "axe.min.js"
 
 

@@ -33,7 +33,12 @@ async function main() {
     try {
       const r = await fetch("/api/login", { method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ username: $("username").value, password: $("password").value }) });
-      if (r.ok) { location.href = "/"; return; }
+      if (r.ok) {
+        // back to the page that sent us here (?next=/wall), on this site only
+        const next = new URLSearchParams(location.search).get("next") || "/";
+        location.href = /^\/(?![\/\\])/.test(next) ? next : "/";
+        return;
+      }
       shown = { key: r.status === 401 ? "login:wrong" : "login:failed", status: String(r.status) };
     } catch (x) {
       shown = { key: "login:offline", status: "" };

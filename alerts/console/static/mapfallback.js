@@ -15,9 +15,14 @@ export async function cityMap(container, opts = {}) {
     const map = await mod.createCityMap(container, opts);
     // its sensors, coloured by state; a failure leaves the map with its incidents
     if (typeof map.refreshSensors === "function") map.refreshSensors().catch(() => {});
+    // which map is drawn, once it has painted (tests wait for it before screenshots)
+    await new Promise((done) => { if (map.map && map.map.once) map.map.once("idle", done); setTimeout(done, 5000); });
+    container.dataset.map = "city";
     return { map, svg: false };
   } catch (e) {
-    return { map: null, svg: await loadSvg(container, opts.view || "center") };
+    const svg = await loadSvg(container, opts.view || "center");
+    container.dataset.map = svg ? "svg" : "none";
+    return { map: null, svg };
   }
 }
 
