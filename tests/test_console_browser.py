@@ -24,13 +24,10 @@ from alerts.store import create_pool
 from alerts.testing import ConsoleServer, EventProducer, RunningService, make_event, now_ms
 from cityops.registry import load_fleet
 from cityops.settings import Settings
-from tests.support import free_port
+from tests.support import CHROMIUM, CHROMIUM_ARGS, free_port
 
 pytestmark = pytest.mark.browser
 RUN = uuid.uuid4().hex[:6]
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 USERS = {"viewer": f"viewer-{RUN}", "operator": f"operator-{RUN}",
          "supervisor": f"supervisor-{RUN}"}
 PASSWORD = "browser-pass-1"
@@ -89,7 +86,7 @@ async def context(playwright: Playwright) -> AsyncIterator[BrowserContext]:
     with tempfile.TemporaryDirectory(prefix="cityops-chromium-") as home:
         profile = Path(home) / "profile"
         ctx = await playwright.chromium.launch_persistent_context(
-            str(profile), executable_path="/usr/bin/chromium", headless=True,
+            str(profile), executable_path=CHROMIUM, headless=True,
             args=CHROMIUM_ARGS, env={"HOME": home, "TMPDIR": home},
             viewport={"width": 1366, "height": 768})
         try:
