@@ -450,6 +450,37 @@ async def test_map_renders_the_city_sensors_by_state_and_incidents(
         assert errors == []
 
 
+@pytest.mark.browser
+async def test_map_on_a_base_style_puts_the_citys_layers_on_top(
+        playwright: Playwright, console: ConsoleServer) -> None:
+    """With console_map_style_url set (the city's tile server), that style is the base: a
+    stand-in style here (a blob URL: still no network)."""
+    async with chromium(playwright, 800, 600) as ctx:
+        page = await ctx.new_page()
+        errors = page_errors(page)
+        r = await ctx.request.post(console.url + "/api/login",
+                                   data={"username": VIEWER, "password": PASSWORD})
+        assert r.status == 200
+        await page.goto(console.url + "/login")
+        layers = await page.evaluate("""async () => {
+          document.body.innerHTML = '<div id="m" style="width:700px;height:500px"></div>';
+          const i18n = await import('/static/i18n.js');
+          await i18n.initI18n('en');
+          const { createCityMap } = await import('/static/map.js');
+          const style = { version: 8, sources: {}, layers: [{ id: 'tiles-stand-in',
+            type: 'background', paint: { 'background-color': '#203040' } }] };
+          const styleUrl = URL.createObjectURL(new Blob([JSON.stringify(style)],
+                                                        { type: 'application/json' }));
+          const cm = await createCityMap(document.getElementById('m'), { styleUrl });
+          return cm.map.getStyle().layers.map((l) => l.id);
+        }""")
+        assert layers[0] == "tiles-stand-in"  # the base first, ours on top
+        assert {"cityops-districts-fill", "cityops-arterials", "cityops-sensors",
+                "cityops-clusters"} <= set(layers)
+        assert "cityops-river" not in layers and "cityops-roads" not in layers  # the base's
+        assert errors == []
+
+
 # --- the wall --------------------------------------------------------------------------------
 async def seed_wall(pool: asyncpg.Pool) -> None:
     """Three hours of district rollups up to now, a week of this hour before, crowds and
