@@ -12,6 +12,24 @@ from typing import Literal
 
 LandmarkKind = Literal["arterial", "bridge", "attraction", "market", "public_building", "transport",
                        "campus", "hotel_zone"]
+CapacityUnit = Literal["p/m2", "people"]
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """How much crowd a place takes comfortably: what the wall's crowd gauge shows a
+    landmark's crowd against (100 % = at capacity, not yet a crush).
+
+    ``p/m2``: a place watched by cameras that estimate crowd density (``crowd_density``,
+    the densest view counts), judged the way crowd safety is: around 2 persons/m2 a moving
+    crowd is slowed and tight, over 4 a standing crowd is packed (the analytics' alarm
+    level). ``people``: a site counted at its gates (``footfall_in``/``footfall_out``),
+    judged by how many are inside; the figures are the site's own visitor limit as the
+    tourism office would set it (estimates until the city provides them).
+    """
+
+    value: float
+    unit: CapacityUnit
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +56,8 @@ class Landmark:
     # For arterials, the far end of the road segment the sensors are strung along.
     lat2: float | None = None
     lon2: float | None = None
+    # For places whose crowds the center watches (security and tourism landmarks).
+    capacity: Capacity | None = None
 
 
 DISTRICTS: tuple[District, ...] = (
@@ -53,8 +73,10 @@ DISTRICTS: tuple[District, ...] = (
 )
 
 LANDMARKS: tuple[Landmark, ...] = (
-    Landmark("ninh_kieu_wharf", "Ninh Kieu wharf", "ninh_kieu", "attraction", 10.0335, 105.7880),
-    Landmark("night_market", "Ninh Kieu night market", "ninh_kieu", "market", 10.0322, 105.7869),
+    Landmark("ninh_kieu_wharf", "Ninh Kieu wharf", "ninh_kieu", "attraction", 10.0335, 105.7880,
+             capacity=Capacity(2.0, "p/m2")),
+    Landmark("night_market", "Ninh Kieu night market", "ninh_kieu", "market", 10.0322, 105.7869,
+             capacity=Capacity(2.5, "p/m2")),
     Landmark("street_30_4", "30/4 street", "ninh_kieu", "arterial", 10.0300, 105.7790,
              10.0180, 105.7620),
     Landmark("nguyen_van_cu", "Nguyen Van Cu street", "ninh_kieu", "arterial", 10.0420, 105.7640,
@@ -65,35 +87,35 @@ LANDMARKS: tuple[Landmark, ...] = (
              10.0330, 105.7750),
     Landmark("ctu", "Can Tho University", "ninh_kieu", "campus", 10.0300, 105.7690),
     Landmark("city_hall", "City People's Committee", "ninh_kieu", "public_building",
-             10.0355, 105.7860),
+             10.0355, 105.7860, capacity=Capacity(2.0, "p/m2")),
     Landmark("central_hospital", "Can Tho Central General Hospital", "cai_rang",
              "public_building", 10.0050, 105.7830),
     Landmark("cai_rang_market", "Cai Rang floating market", "cai_rang", "market",
-             10.0005, 105.7480),
+             10.0005, 105.7480, capacity=Capacity(2.0, "p/m2")),
     Landmark("can_tho_bridge", "Can Tho bridge", "cai_rang", "bridge", 10.0330, 105.8330),
     Landmark("vo_nguyen_giap", "Vo Nguyen Giap avenue", "cai_rang", "arterial",
              10.0200, 105.8050, 9.9950, 105.7800),
     Landmark("airport", "Can Tho International Airport", "binh_thuy", "transport",
-             10.0851, 105.7119),
+             10.0851, 105.7119, capacity=Capacity(2.5, "p/m2")),
     Landmark("vo_van_kiet", "Vo Van Kiet avenue", "binh_thuy", "arterial", 10.0450, 105.7600,
              10.0800, 105.7150),
     Landmark("binh_thuy_house", "Binh Thuy ancient house", "binh_thuy", "attraction",
-             10.0780, 105.7390),
+             10.0780, 105.7390, capacity=Capacity(1200, "people")),
     Landmark("hotel_zone_nk", "Ninh Kieu riverside hotels", "ninh_kieu", "hotel_zone",
              10.0310, 105.7890),
     Landmark("o_mon_center", "O Mon town center", "o_mon", "arterial", 10.1100, 105.6350,
              10.1230, 105.6200),
     Landmark("o_mon_power", "O Mon power center", "o_mon", "public_building", 10.1190, 105.6230),
     Landmark("stork_garden", "Bang Lang stork garden", "thot_not", "attraction",
-             10.2580, 105.5330),
+             10.2580, 105.5330, capacity=Capacity(1000, "people")),
     Landmark("thot_not_ql91", "National road 91, Thot Not", "thot_not", "arterial",
              10.2600, 105.5500, 10.2850, 105.5200),
     Landmark("phong_dien_market", "Phong Dien floating market", "phong_dien", "market",
              9.9990, 105.6850),
     Landmark("truc_lam", "Truc Lam Phuong Nam monastery", "phong_dien", "attraction",
-             9.9917, 105.7010),
+             9.9917, 105.7010, capacity=Capacity(2500, "people")),
     Landmark("my_khanh", "My Khanh tourist village", "phong_dien", "attraction",
-             10.0050, 105.7250),
+             10.0050, 105.7250, capacity=Capacity(1500, "people")),
     Landmark("co_do_center", "Co Do town", "co_do", "arterial", 10.0950, 105.4450,
              10.1050, 105.4300),
     Landmark("thoi_lai_center", "Thoi Lai town", "thoi_lai", "arterial", 10.0600, 105.5600,

@@ -86,8 +86,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         url = f"http://{settings.host}:{settings.console_port}/"
         from alerts.console.cli import dev_user_passwords
 
-        logins = ", ".join(f"{n} / {pw}" for n, pw in dev_user_passwords(settings).items())
+        passwords = dev_user_passwords(settings)
+        logins = ", ".join(f"{n} / {pw}" for n, pw in passwords.items() if n != "wall")
         print(f"\n  Console:    {url}   ({logins})")
+        print(f"  Wallboard:  {url}wall   (wall / {passwords['wall']}; for the video wall, "
+              "1920x1080)")
         print(f"  API docs:   {url}docs")
         print(f"  Prometheus: http://{settings.host}:{settings.prometheus_port}/")
         dsn = settings.pg_dsn.replace(f":{settings.pg_password}@", ":***@", 1)

@@ -1,6 +1,6 @@
-"""Driving the console in Debian's headless Chromium (see /work/shared/platform-notes.md):
-the launch arguments, a throwaway profile and home per test, signing in, and the checks
-every page gets (accessibility with axe-core, untranslated text)."""
+"""Driving the console in Debian's headless Chromium (its path and arguments, with WebGL on
+SwiftShader, are tests/support.py's): a throwaway profile and home per test, signing in,
+and the checks every page gets (accessibility with axe-core, untranslated text)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ from playwright.async_api import BrowserContext, Page, Playwright, expect
 
 from alerts.testing import ConsoleServer
 from cityops.settings import PROJECT_ROOT
+from tests.support import CHROMIUM, CHROMIUM_ARGS
 
-# --enable-unsafe-swiftshader: WebGL (the MapLibre city map) on Chromium's software renderer,
-# as there is no GPU; the page falls back to the SVG map without it.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
-                 "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 AXE = PROJECT_ROOT / "alerts" / "console" / "web" / "node_modules" / "axe-core" / "axe.min.js"
 
 
@@ -29,7 +25,7 @@ async def chromium(playwright: Playwright, **kw: Any) -> AsyncIterator[BrowserCo
     crash folders there)."""
     with tempfile.TemporaryDirectory(prefix="cityops-chromium-") as home:
         ctx = await playwright.chromium.launch_persistent_context(
-            str(Path(home) / "profile"), executable_path="/usr/bin/chromium", headless=True,
+            str(Path(home) / "profile"), executable_path=CHROMIUM, headless=True,
             args=CHROMIUM_ARGS, env={"HOME": home, "TMPDIR": home},
             viewport=kw.pop("viewport", {"width": 1366, "height": 768}), **kw)
         try:

@@ -19,6 +19,16 @@ from cityops.settings import SECRET_FIELDS, Settings, new_secret
 from cityops.stack import Stack
 from ingest.contract import Event, decode_batches
 
+# Headless Debian chromium for every browser test (never `playwright install`). WebGL (the
+# MapLibre map) runs here without a GPU: --disable-gpu leaves it to SwiftShader, Chromium's
+# software renderer, and --enable-unsafe-swiftshader opts in to that explicitly (Chromium is
+# retiring the silent fallback; measured on chromium 156: WebGL2 on "ANGLE (Google, Vulkan
+# 1.3.0 (SwiftShader Device (Subzero)))" with or without it).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--enable-unsafe-swiftshader",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
 
 def free_port() -> int:
     with socket.socket() as s:

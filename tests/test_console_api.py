@@ -500,7 +500,7 @@ async def test_demo_accounts_get_generated_passwords(settings: Settings,
         return {u.split("/")[0]: u.split("/", 1)[1].split(" ")[0] for u in line.split(", ")}
 
     first = await asyncio.to_thread(seed)
-    assert set(first) == {"viewer", "operator", "supervisor"}
+    assert set(first) == {"viewer", "operator", "supervisor", "wall"}
     assert all(pw != f"{name}-dev" and len(pw) >= 12 for name, pw in first.items())
     assert await asyncio.to_thread(seed) == first  # stable across runs
     async with httpx.AsyncClient(base_url=console.url) as c:
@@ -510,3 +510,6 @@ async def test_demo_accounts_get_generated_passwords(settings: Settings,
         r = await c.post("/api/login", json={"username": "supervisor",
                                              "password": first["supervisor"]})
         assert r.status_code == 200 and r.json()["role"] == "supervisor"
+        # the wall's screen account is a viewer
+        r = await c.post("/api/login", json={"username": "wall", "password": first["wall"]})
+        assert r.status_code == 200 and r.json()["role"] == "viewer"

@@ -46,6 +46,8 @@ from alerts.console.auth import (
 )
 from alerts.console.feed import AlertFeed
 from alerts.console.geo import VIEWS, render_map
+from alerts.console.mapdata import SensorCollection, SensorMap
+from alerts.console.wall import WallCache, WallSummary
 from alerts.i18n import LANGS, translations
 from alerts.incidents.model import IncidentChange, encode_incident_change
 from alerts.incidents.store import IncidentStore, count_change
@@ -927,6 +929,41 @@ def create_app(settings: Settings, fleet: Fleet | None = None) -> FastAPI:
         return {"districts": {c: d.name for c, d in DISTRICTS_BY_CODE.items()},
                 "landmarks": {c: lm.name for c, lm in LANDMARKS_BY_CODE.items()},
                 "views": list(VIEWS)}
+
+    # --- the city map and the wall (issue 16) ------------------------------------------------
+    # The MapLibre map's live layer (static/map.js) and the video wall (static/wall.*): both
+    # are polled by every open screen, so both answers are cached for a few seconds.
+    sensor_map = SensorMap(console.fleet)
+    wall_cache = WallCache(settings.console_timezone)
+
+    @app.get("/api/map/sensors", response_model=SensorCollection, tags=["map"])
+    async def map_sensors(p: Viewer) -> Response:
+        """Every sensor of the fleet as GeoJSON points, with its state: the worst active
+        alert's severity, offline (its worst alert is sensor_offline), or ok. At most 5 s
+        old."""
+        assert console.pool
+        return Response(await sensor_map.geojson(console.pool), media_type="application/json",
+                        headers={"Cache-Control": "private, max-age=5"})
+
+    @app.get("/api/wall/summary", response_model=WallSummary, tags=["map"])
+    async def wall_summary(p: Viewer,
+                           at: Annotated[int | None, Query(
+                               ge=0, le=EPOCH_MS_MAX,
+                               description="epoch ms the traffic hour and the charts are "
+                                           "for (replays); default now, cached 5 s")] = None
+                           ) -> WallSummary:
+        """The wall's tiles: traffic now against the usual for this hour (city and
+        districts), crowds at watched landmarks against capacity, open incidents by
+        severity, and the last three hours per domain."""
+        assert console.pool
+        return await wall_cache.get(console.pool, at)
+
+    @app.get("/wall", include_in_schema=False)
+    async def wall_page(request: Request) -> Response:
+        p = await principal(request)
+        if p is None or p.via != "session":
+            return RedirectResponse("/login?next=/wall", 303)
+        return _page("wall.html")
 
     # --- operations ----------------------------------------------------------------------------
     @app.get("/metrics", include_in_schema=False)

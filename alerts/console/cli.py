@@ -3,8 +3,9 @@
     cityops console                                   # serve on settings.console_port
     cityops console --create-user ana --role operator # password from stdin or
                                                       # $CITYOPS_NEW_PASSWORD
-    cityops console --seed-dev-users                  # viewer/operator/supervisor demo logins
-                                                      # (passwords generated once, printed)
+    cityops console --seed-dev-users                  # viewer/operator/supervisor/wall demo
+                                                      # logins (passwords generated once,
+                                                      # printed; wall: a viewer for /wall)
     cityops console --create-token water-agency       # read-only API token, printed once
     cityops console --list-tokens                     # id, agency, issued by/at, state
     cityops console --rotate-token ID                 # new token for the same agency, printed
@@ -22,9 +23,10 @@ import sys
 
 from cityops.settings import Settings
 
-# username -> role of the demo accounts (local demo only; never seed these in production)
+# username -> role of the demo accounts (local demo only; never seed these in production).
+# "wall" is the video wall's screen: a viewer that stays logged in on /wall.
 DEV_USERS: dict[str, str] = {"viewer": "viewer", "operator": "operator",
-                             "supervisor": "supervisor"}
+                             "supervisor": "supervisor", "wall": "viewer"}
 DEV_USERS_FILE = "console-dev-users.toml"
 
 
@@ -59,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--role", choices=["viewer", "operator", "supervisor"],
                         default="viewer", help="role for --create-user")
     parser.add_argument("--seed-dev-users", action="store_true",
-                        help="create the demo accounts viewer/operator/supervisor and exit")
+                        help="create the demo accounts viewer/operator/supervisor/wall and exit")
     parser.add_argument("--create-token", metavar="AGENCY",
                         help="print a new read-only API token for an agency and exit")
     parser.add_argument("--list-tokens", action="store_true",
