@@ -106,7 +106,7 @@ async def test_operator_sees_incident_live_and_acknowledges(
     await expect(page).to_have_url(console.url + "/")
     await expect(page.locator("#me")).to_have_text(f"{USERS['operator']} (vận hành)")
     await expect(page.locator("#live")).to_have_class("live on")
-    await expect(page.locator("#map svg .district").first).to_be_visible()
+    await expect(page.locator("#map")).to_have_attribute("data-map", "city")  # map.js drew it
     # the rule is not in the console's rules file: the server's English title is shown
     title = f"Jam on 30/4 street {RUN}"
     item = page.locator("li.incident", has_text=title)
@@ -119,25 +119,26 @@ async def test_operator_sees_incident_live_and_acknowledges(
     await expect(item.locator(".ack-state")).to_have_text("Chưa tiếp nhận")
     await expect(item.locator(".badge")).to_have_text("cao")
     await expect(item.locator(".counts-line")).to_have_text("1 cảnh báo · 1 cảm biến")
-    # the district shows its worst open incident (other tests may have left a critical one)
-    await expect(page.locator('#map .district[data-district="ninh_kieu"]')).to_have_class(
-        re.compile(r"district alert-(critical|major)"))
+    # the incident is on the map, at its place, in its colour
+    iid = int(await item.get_attribute("data-incident-id") or 0)
+    await expect(page.locator(f'#map .cityops-incident[data-incident-id="{iid}"]')
+                 ).to_have_attribute("data-severity", "major")
     await page.screenshot(path=str(artifacts / "console-1366x768.png"))
-    await page.locator("#map").screenshot(path=str(artifacts / "console-map-center.png"))
     await item.locator(".ack-btn").click()
     await expect(item.locator(".ack-state")).to_have_text(f"{USERS['operator']} đã tiếp nhận")
     await expect(item.locator(".ack-btn")).to_have_count(0)
     # the incident and its alert were acknowledged, with who did it
-    iid = int(await item.get_attribute("data-incident-id") or 0)
     row = await pool.fetchrow("select acknowledged, acked_by from alert_incidents "
                               "where incident_id = $1", iid)
     assert row["acknowledged"] and row["acked_by"] == USERS["operator"]
     row = await pool.fetchrow("select acknowledged, acked_by from alerts where incident_id = $1 "
                               "and sensor_id = $2", iid, JAM.sensor_id)
     assert row["acknowledged"] and row["acked_by"] == USERS["operator"]
+    await page.click('button[data-view="center"]')  # the city center, then the whole city
+    await expect(page.locator('button[data-view="center"]')).to_have_class(re.compile("active"))
+    await page.locator("#map").screenshot(path=str(artifacts / "console-map-center.png"))
     await page.click('button[data-view="city"]')
-    await expect(page.locator("#map svg")).to_have_attribute("data-view", "city")
-    await expect(page.locator("#map svg .district")).to_have_count(9)
+    await expect(page.locator('button[data-view="city"]')).to_have_class(re.compile("active"))
     await page.locator("#map").screenshot(path=str(artifacts / "console-map-city.png"))
     # the same console on a phone
     phone = await context.new_page()

@@ -238,6 +238,17 @@ async def test_list_shows_one_item_per_incident_live(
     await expect(item).to_have_count(0)
     await page.select_option("#f-district", "ninh_kieu")
     await expect(item).to_have_count(1)
+    # without the city map (map.js missing, or no WebGL) the server's SVG map stands in,
+    # its districts in the colour of their worst incident
+    plain = await context.new_page()
+    await plain.route("**/static/map.js", lambda route: route.abort())
+    await plain.goto(console.url + "/")
+    await expect(plain.locator("#map")).to_have_attribute("data-map", "svg")
+    await expect(plain.locator('#map .district[data-district="ninh_kieu"]')).to_have_class(
+        "district alert-critical")
+    await expect(plain.locator('#map .district[data-district="ninh_kieu"] title')).to_have_text(
+        "Ninh Kiều")
+    await plain.close()
     # clicking the title opens the incident's page
     await item.locator(".title").click()
     await expect(page).to_have_url(f"{console.url}/incident/{street['incident_id']}")
