@@ -93,7 +93,6 @@ export async function boot() {
   document.addEventListener("langchange", drawMe);
   drawMe();
   applyI18n();
-  document.documentElement.classList.add("ready");
   return session.me;
 }
 

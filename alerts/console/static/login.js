@@ -8,6 +8,7 @@ let shown = null;  // the error on screen, {key, status}: redrawn when the langu
 
 function drawError() {
   const err = $("login-error");
+  if (!err) return;  // the page was replaced (tests reuse it as an empty page of this site)
   err.hidden = !shown;
   if (shown) err.textContent = t(shown.key, { status: shown.status });
 }
@@ -15,6 +16,7 @@ function drawError() {
 async function main() {
   await initI18n();
   const select = $("lang-select");
+  if (!select || !$("login-form")) return;  // the page was replaced meanwhile (see drawError)
   for (const l of consoleConfig().langs) {
     const o = document.createElement("option");
     o.value = l; o.lang = l; o.textContent = t(`common:lang.${l}`);
@@ -24,7 +26,6 @@ async function main() {
   select.addEventListener("change", () => setLang(select.value, { remember: false }));
   document.addEventListener("langchange", drawError);
   applyI18n();
-  document.documentElement.classList.add("ready");
   $("login-form").addEventListener("submit", async (e) => {
     e.preventDefault();
     shown = null;
