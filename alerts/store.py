@@ -87,6 +87,17 @@ class MaintenanceWindow:
         return value == self.target
 
 
+def where_equal(args: list[Any], alias: str = "", **filters: Any) -> list[str]:
+    """``column = $n`` for each filter that is given (not None), its value appended to
+    ``args``: the list filters of the REST API (alerts and incidents)."""
+    out: list[str] = []
+    for col, val in filters.items():
+        if val is not None:
+            args.append(val)
+            out.append(f"{alias}{col} = ${len(args)}")
+    return out
+
+
 def _count(ch: AlertChange) -> None:
     """The lifecycle counters, for a change that has been committed."""
     sev, dom = ch.alert.severity, ch.alert.domain or "none"
@@ -390,13 +401,9 @@ class AlertStore:
     async def search(self, *, state: str | None = None, domain: str | None = None,
                      district: str | None = None, severity: str | None = None,
                      acknowledged: bool | None = None, limit: int = 500) -> list[Alert]:
-        where: list[str] = []
         args: list[Any] = []
-        for col, val in (("state", state), ("domain", domain), ("district", district),
-                         ("severity", severity), ("acknowledged", acknowledged)):
-            if val is not None:
-                args.append(val)
-                where.append(f"{col} = ${len(args)}")
+        where = where_equal(args, state=state, domain=domain, district=district,
+                            severity=severity, acknowledged=acknowledged)
         args.append(limit)
         sql = ("select * from alerts" + (" where " + " and ".join(where) if where else "")
                + f" order by (state = 'active') desc, updated_at desc limit ${len(args)}")

@@ -34,6 +34,7 @@ from alerts.incidents.webhook import enqueue_critical
 from alerts.metrics import INCIDENT_CHANGES, INCIDENTS_OPEN, INCIDENTS_OPENED
 from alerts.model import SEVERITY_RANK, Alert, AlertChange
 from alerts.ruleset import SEVERITIES, Group, Inhibit, InhibitSide, RuleSet
+from alerts.store import row_to_alert, where_equal
 
 SYSTEM = "system"
 _SEVS = "array['critical','major','minor','warning','info']"
@@ -322,8 +323,6 @@ class IncidentStore:
             await self._audit(conn, [(incident_id, action, detail)], actor)
             alert_changes: list[AlertChange] = []
             if alert_sql is not None:
-                from alerts.store import row_to_alert
-
                 alerts = await conn.fetch(
                     f"update alerts set {alert_sql} updated_at = now(), version = version + 1 "
                     "where incident_id = $1 and state = 'active' and $2::text is not null "
@@ -361,13 +360,9 @@ class IncidentStore:
                      limit: int = 200) -> list[tuple[Incident, int]]:
         """Incidents, open first, newest change first, each with how many open incidents
         it inhibits."""
-        where: list[str] = []
         args: list[Any] = []
-        for col, val in (("state", state), ("domain", domain), ("district", district),
-                         ("severity", severity), ("acknowledged", acknowledged)):
-            if val is not None:
-                args.append(val)
-                where.append(f"i.{col} = ${len(args)}")
+        where = where_equal(args, "i.", state=state, domain=domain, district=district,
+                            severity=severity, acknowledged=acknowledged)
         if not include_inhibited:
             where.append("i.inhibited_by is null")
         args.append(limit)
@@ -382,8 +377,6 @@ class IncidentStore:
     async def detail(self, incident_id: int, alert_limit: int = 500) -> dict[str, Any] | None:
         """The incident, its alerts (active first), the incidents it inhibits, the
         sensors, and one timeline of alert raises/clears and every action on it."""
-        from alerts.store import row_to_alert
-
         inc = await self.get(incident_id)
         if inc is None:
             return None
