@@ -37,9 +37,6 @@ What it measures:
     processor's ``cityops_process_rows_written_total``) per second between the first
     injection and the last browser receipt, plus the publishers' own figures.
 
-A press carries the load's simulated clock as its event time, not the wall clock
-(``LoadClock`` says why; ``--press-clock wall`` shows the difference).
-
 Each press must open a NEW incident, so the rules are the default rules with
 ``panic_button`` grouped by sensor (``group: {by: [sensor], wait_s: 0}``): by default its
 alerts group by landmark, and every press at one wharf would join one open incident.
@@ -80,7 +77,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
-import msgspec  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
 
@@ -160,7 +156,7 @@ class Press:
 
     sensor_id: str
     published: float
-    event_ms: int = 0  # the press's event time (LoadClock)
+    event_ms: int = 0  # the press's event time (the wall clock, epoch ms)
     puback: float | None = None
     ingested: float | None = None  # ingest received the MQTT message (its receive time)
     on_events: float | None = None  # a plain consumer of the events topic got it
@@ -337,43 +333,14 @@ class KafkaHop:
             self.proc.kill()
 
 
-# --- the presses' event time ---------------------------------------------------------------
-class LoadClock:
-    """The event time the presses carry.
-
-    Why not the wall clock: the background load is a simulation placed minutes in the past
-    and running ~10x faster than real time (a 2-core box cannot publish a city whose
-    simulated clock keeps pace with the wall clock at 5,000 readings/s of the normal fleet).
-    A press stamped with the wall clock jumps its partition's event-time watermark minutes
-    ahead of the load, and the absence rule then calls the partition's sensors offline at
-    once (alerts/watermark.py: raised once per jump; 1,235 sensor_offline raises in one
-    67 s measurement, a storm no city with agreeing clocks would have, written in the same
-    transactions as the presses' incidents). So in ``load`` mode a press carries the
-    load's own clock: the newest reading time seen on the events topic, plus ``lead_ms``
-    (ahead of every partition's watermark, so never late for the rules' windows), never
-    past the wall clock. ``wall`` mode keeps the wall clock, to show that effect."""
-
-    def __init__(self, mode: str, lead_ms: int = 2000) -> None:
-        self.mode, self.lead_ms = mode, lead_ms
-        self.newest_ms = 0  # written by the events watcher (event loop), read by the injector
-
-    @property
-    def ready(self) -> bool:
-        return self.mode == "wall" or self.newest_ms > 0
-
-    def now_ms(self) -> int:
-        wall = int(time.time() * 1000)
-        return wall if self.mode == "wall" else min(wall, self.newest_ms + self.lead_ms)
-
-
 # --- injections (a thread: the paho sinks are driven by their caller) -------------------------
 def inject(settings: Settings, sensors: list[Sensor], spacing: tuple[float, float],
-           presses: list[Press], clock: LoadClock, go: threading.Event,
-           stop: threading.Event, seed: int = 16) -> None:
-    """Warm up (one heartbeat per button once the load's clock is known: connects the
-    district bridges), wait for ``go``, then press each button once, ``spacing`` seconds
-    apart (uniform), stamping the wall time just before the publish and when the broker's
-    PUBACK came back."""
+           presses: list[Press], go: threading.Event, stop: threading.Event,
+           seed: int = 16) -> None:
+    """Warm up (one heartbeat per button: connects the district bridges), wait for ``go``,
+    then press each button once, ``spacing`` seconds apart (uniform), stamping the wall
+    time just before the publish and when the broker's PUBACK came back. A press carries
+    the wall clock as its event time, as the fault matrix's scripted presses do."""
     from ingest import samples
     from simulators.publisher import open_sink
 
@@ -383,13 +350,8 @@ def inject(settings: Settings, sensors: list[Sensor], spacing: tuple[float, floa
     sink.connect()
     root = settings.mqtt_topic_root
     try:
-        deadline = time.monotonic() + 60
-        while not clock.ready and not stop.is_set():
-            if time.monotonic() > deadline:
-                raise RuntimeError("no load on the events topic within 60 s")
-            time.sleep(0.1)
         for s in sensors:
-            sink.publish(*samples.device_message(s, clock.now_ms(), root))
+            sink.publish(*samples.device_message(s, int(time.time() * 1000), root))
         if not sink.drain(20) or sink.refused or sink.errors:
             raise RuntimeError("warm-up heartbeats not acknowledged")
         while not go.is_set():
@@ -397,7 +359,7 @@ def inject(settings: Settings, sensors: list[Sensor], spacing: tuple[float, floa
         for s in sensors:
             if stop.is_set():
                 return
-            ms = clock.now_ms()
+            ms = int(time.time() * 1000)
             payload = samples.encode(samples.safecity(s.sensor_id, ms, "PANIC"))
             topic = samples.topic_of(s, root)
             press = Press(s.sensor_id, time.time(), ms)
@@ -437,6 +399,20 @@ LISTENER_JS = """
         b.longtasks.push([performance.timeOrigin + e.startTime, e.duration]);
     }).observe({type: 'longtask', buffered: false});
   } catch (e) { b.longtasks = null; }
+  b.frames = [];  // long animation frames: which script, and how much style and layout
+  try {
+    new PerformanceObserver((list) => {
+      for (const f of list.getEntries()) {
+        const end = f.startTime + f.duration;
+        b.frames.push({t: performance.timeOrigin + f.startTime, duration: f.duration,
+                       layout: f.styleAndLayoutStart ? end - f.styleAndLayoutStart : 0,
+                       scripts: f.scripts.map((x) => ({
+                         what: `${x.invoker} ${x.sourceFunctionName || ''} `
+                               + `${(x.sourceURL || '').split('/').pop()}`.trim(),
+                         duration: x.duration}))});
+      }
+    }).observe({type: 'long-animation-frame', buffered: false});
+  } catch (e) { b.frames = null; }
   es.onopen = () => { b.opened = Date.now(); resolve(b.opened); };
   const mark = (el, t) => {
     const id = el.getAttribute('data-incident-id');
@@ -511,12 +487,10 @@ async def watch_incidents(settings: Settings, seen: dict[str, tuple[float, float
 
 
 async def watch_events(settings: Settings, sensors: set[str],
-                       seen: dict[str, tuple[float, float]], ready: asyncio.Event,
-                       clock: LoadClock) -> None:
+                       seen: dict[str, tuple[float, float]], ready: asyncio.Event) -> None:
     """sensor -> (ingest's receive time, receipt here) of the first panic press of each
     injected button on the events topic, read as soon as it is there (fetch at once, not
-    the services' 16 KiB / 500 ms): where the MQTT and ingest legs end. Also the load's
-    clock (``LoadClock``): the newest reading time on the topic."""
+    the services' 16 KiB / 500 ms): where the MQTT and ingest legs end."""
     from aiokafka import AIOKafkaConsumer
 
     from ingest.contract import decode_batches
@@ -533,15 +507,12 @@ async def watch_events(settings: Settings, sensors: set[str],
             batch = await c.getmany(timeout_ms=1000)
             t = time.time()
             for msgs in batch.values():
-                try:
-                    cols = decode_batches([m.value for m in msgs])
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    continue  # not ours to judge: ingest dead-letters, the services skip
-                if cols.row_time.size:
-                    clock.newest_ms = max(clock.newest_ms, int(cols.row_time.max()))
-                for inc in cols.incidents:
-                    if inc.incident == "panic" and inc.sensor_id in sensors:
-                        seen.setdefault(inc.sensor_id, (inc.receive_time / 1000, t))
+                for m in msgs:
+                    if b"panic" not in m.value:  # cheap: most records are readings
+                        continue
+                    for inc in decode_batches([m.value]).incidents:
+                        if inc.incident == "panic" and inc.sensor_id in sensors:
+                            seen.setdefault(inc.sensor_id, (inc.receive_time / 1000, t))
     finally:
         await c.stop()
 
@@ -632,11 +603,10 @@ async def measure(city: City, args: argparse.Namespace, fleet: Path, work: Path,
     seen_kafka: dict[str, tuple[float, float]] = {}
     seen_events: dict[str, tuple[float, float]] = {}
     seen_sse: dict[str, float] = {}
-    clock = LoadClock(args.press_clock)
     ready = [asyncio.Event() for _ in range(3)]
     watchers = [asyncio.create_task(watch_incidents(s, seen_kafka, ready[0])),
                 asyncio.create_task(watch_events(s, {b.sensor_id for b in buttons},
-                                                 seen_events, ready[1], clock)),
+                                                 seen_events, ready[1])),
                 asyncio.create_task(watch_sse(url, password, seen_sse, ready[2]))]
     hop = KafkaHop(s, args.hop_hz)
     run = Run()
@@ -670,7 +640,7 @@ async def measure(city: City, args: argparse.Namespace, fleet: Path, work: Path,
                 load_thread.start()
                 injector = threading.Thread(target=inject, name="injector", daemon=True,
                                             args=(s, buttons, tuple(args.spacing),
-                                                  run.presses, clock, go, stop))
+                                                  run.presses, go, stop))
                 injector.start()
                 print(f"load: {args.rate:g} msg/s gateway messages for ~{load_s:.0f} s; "
                       f"warm-up {args.warmup_s:g} s", flush=True)
@@ -743,16 +713,35 @@ async def _page_stats(page: Any, presses: list[Press], until: float) -> dict[str
     (main thread busy > 50 ms, during which no event handler runs) while we measured."""
     items = await page.locator("li.alert").count()
     longtasks = await page.evaluate("() => window.__bench.longtasks")
+    frames = await page.evaluate("() => window.__bench.frames")
     out: dict[str, Any] = {"alert_list_items_at_end": items,
                            "map_sensor_elements": await page.locator("#map [data-sensor]").count()}
+    start = min((p.published for p in presses), default=until) * 1000
+    if frames is not None:
+        out["long_animation_frames"] = frame_summary(
+            [f for f in frames if start <= f["t"] <= until * 1000])
     if longtasks is None:
         return out | {"longtasks": "not supported by this browser"}
-    start = min((p.published for p in presses), default=until) * 1000
     inside = [d for t, d in longtasks if start <= t <= until * 1000]
     span = max(until * 1000 - start, 1.0)
     return out | {"longtasks": {"count": len(inside), "busy_ms": round(sum(inside), 1),
                                 "busy_share": round(sum(inside) / span, 3),
                                 "longest_ms": round(max(inside, default=0.0), 1)}}
+
+
+def frame_summary(frames: list[dict[str, Any]], top: int = 6) -> dict[str, Any]:
+    """Long animation frames (> 50 ms) of the page: how many, how long in all, how much
+    of it style and layout, and the scripts that took the most (by invoker, function,
+    file), so the report can say what kept the page from handling the incident."""
+    by: dict[str, float] = {}
+    for f in frames:
+        for sc in f["scripts"]:
+            by[sc["what"]] = by.get(sc["what"], 0.0) + sc["duration"]
+    return {"count": len(frames), "total_ms": round(sum(f["duration"] for f in frames), 1),
+            "style_layout_ms": round(sum(f["layout"] for f in frames), 1),
+            "longest_ms": round(max((f["duration"] for f in frames), default=0.0), 1),
+            "scripts_ms": {k: round(v, 1) for k, v in
+                           sorted(by.items(), key=lambda kv: -kv[1])[:top]}}
 
 
 async def _alert_counts(conn: asyncpg.Connection, t0: float, t1: float) -> dict[str, int]:
@@ -832,7 +821,6 @@ def _report(args: argparse.Namespace, city: City, fl: Any, run: Run, c0: Counter
                    "offered_msgs_per_s": args.rate, "publishers": args.publishers,
                    "injections": args.injections, "spacing_s": list(args.spacing),
                    "warmup_s": args.warmup_s, "hop_records_per_s": args.hop_hz,
-                   "press_clock": args.press_clock,
                    "workers": {"ingest": 1, "process": 1, "alerts": 1, "console": 1},
                    "kafka": {"linger_ms": s.kafka_linger_ms, "codec": s.kafka_codec,
                              "idempotent": s.kafka_idempotent,
@@ -853,8 +841,6 @@ def _report(args: argparse.Namespace, city: City, fl: Any, run: Run, c0: Counter
         "missing_in_browser": len(run.presses) - len(lat),
         "first_change_seen": {a: sum(1 for p in run.presses if p.action == a)
                               for a in ("opened", "announced")},
-        "press_event_time": {"clock": args.press_clock, "behind_wall_ms": percentiles(
-            [p.published - p.event_ms / 1000 for p in run.presses])},
         "breakdown_ms": breakdown(run.presses),
         "incident_list": ("console page has an incident list (li[data-incident-id])"
                           if has_list else "no incident list on the console page "
@@ -926,6 +912,16 @@ def table(r: dict[str, Any]) -> str:
               f"{'yes' if r['background_load']['target_reached'] else 'NO'}",
               f"new incidents: {r['new_incidents']['how']}",
               r["incident_list"]]
+    page = r.get("page", {})
+    lt, laf = page.get("longtasks"), page.get("long_animation_frames")
+    if isinstance(lt, dict):
+        lines.append(f"page main thread: {lt['count']} long tasks, busy {lt['busy_share']:.0%} "
+                     f"of the measurement, longest {lt['longest_ms']:.0f} ms "
+                     f"({page.get('map_sensor_elements', '?')} sensors on the map)")
+    if isinstance(laf, dict) and laf.get("scripts_ms"):
+        what, ms = next(iter(laf["scripts_ms"].items()))
+        lines.append(f"  long frames {laf['total_ms']:.0f} ms, of it style+layout "
+                     f"{laf['style_layout_ms']:.0f} ms; top script {what}: {ms:.0f} ms")
     return "\n".join(lines)
 
 
@@ -957,7 +953,12 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=220.0,
                    help="background gateway messages/s (220: ~5,400 sensor readings/s, "
                         "~24,000 values/s with 25 sensors a gateway)")
-    p.add_argument("--publishers", type=int, default=2, help="simulator processes (2)")
+    p.add_argument("--publishers", type=int, default=1,
+                   help="simulator processes (1): shards of the gateway fleet carry different "
+                        "messages per simulated second, so at one rate each their clocks drift "
+                        "apart (~1.1 simulated s per s here) and the absence rule calls the "
+                        "slower shard's sensors offline (~1,900 sensor_offline raises in a "
+                        "67 s run with 2); one publisher reaches 220 msg/s")
     p.add_argument("--scale", type=int, default=4, help="load fleet x SCALE (4)")
     p.add_argument("--gateway-size", type=int, default=25, help="sensors per gateway (25)")
     p.add_argument("--injections", type=int, default=45, help="panic presses (45, >= 40)")
@@ -967,9 +968,6 @@ def main() -> None:
                    help="load before the first press (12)")
     p.add_argument("--tail-s", type=float, default=20.0,
                    help="wait for the last incidents after the last press (20)")
-    p.add_argument("--press-clock", choices=("load", "wall"), default="load",
-                   help="event time of the presses: the load's simulated clock (load), or "
-                        "the wall clock, minutes ahead of the load (wall); see LoadClock")
     p.add_argument("--hop-hz", type=float, default=10.0,
                    help="Kafka hop records per second (10)")
     p.add_argument("--profile", action="store_true",

@@ -5,7 +5,6 @@ missing stamp must be left out, not counted as zero."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from alerts.incidents.grouping import group_of
@@ -13,9 +12,9 @@ from alerts.model import Alert
 from alerts.ruleset import load_rules
 from bench.incident_latency import (
     NEW_INCIDENT_GROUP,
-    LoadClock,
     Press,
     breakdown,
+    frame_summary,
     group_key,
     new_incident_rules,
     ratio,
@@ -82,12 +81,16 @@ def test_spread_takes_every_landmark_in_turn() -> None:
     assert len(spread(buttons[:3], 10)) == 3
 
 
-def test_load_clock_follows_the_load_never_past_the_wall() -> None:
-    clock = LoadClock("load", lead_ms=2000)
-    assert not clock.ready
-    clock.newest_ms = 1_000_000  # the load's newest reading: long ago
-    assert clock.ready and clock.now_ms() == 1_002_000
-    clock.newest_ms = 10**13  # a reading "from the future" does not drag the press along
-    assert clock.now_ms() <= int(time.time() * 1000)
-    wall = LoadClock("wall")
-    assert wall.ready and abs(wall.now_ms() - time.time() * 1000) < 1000
+
+def test_frame_summary_adds_scripts_up_across_frames() -> None:
+    frames = [{"t": 1.0, "duration": 300.0, "layout": 120.0, "scripts": [
+                  {"what": "FrameRequestCallback render app.js", "duration": 150.0}]},
+              {"t": 2.0, "duration": 100.0, "layout": 10.0, "scripts": [
+                  {"what": "FrameRequestCallback render app.js", "duration": 60.0},
+                  {"what": "event-listener incident", "duration": 1.0}]}]
+    got = frame_summary(frames)
+    assert got["count"] == 2 and got["total_ms"] == 400.0 and got["longest_ms"] == 300.0
+    assert got["style_layout_ms"] == 130.0
+    assert next(iter(got["scripts_ms"])) == "FrameRequestCallback render app.js"
+    assert got["scripts_ms"]["FrameRequestCallback render app.js"] == 210.0
+    assert frame_summary([])["count"] == 0
