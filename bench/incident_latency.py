@@ -174,6 +174,7 @@ class Press:
 SEGMENTS: tuple[tuple[str, str, str], ...] = (
     ("publish_to_browser", "published", "browser"),
     ("publish_to_puback", "published", "puback"),
+    ("publish_to_sse", "published", "sse"),
     ("publish_to_created", "published", "created"),
     ("created_to_browser", "created", "browser"),
     ("publish_to_ingested", "published", "ingested"),
@@ -893,6 +894,7 @@ def table(r: dict[str, Any]) -> str:
               "kafka_to_feed": "    incidents record -> plain consumer",
               "kafka_to_sse": "    incidents record -> SSE client",
               "sse_to_browser": "    SSE client -> browser",
+              "publish_to_sse": "  publish -> SSE client (no browser)",
               "browser_to_listed": "  browser -> incident list"}
     for key, label in labels.items():
         if r["breakdown_ms"][key]["n"]:
