@@ -94,7 +94,7 @@ from bench.e2e.run import (  # noqa: E402
 from cityops.registry import Sensor, load_fleet  # noqa: E402
 from cityops.settings import DEFAULT_RULES, Settings  # noqa: E402
 from cityops.supervisor import metric_sum, scrape  # noqa: E402
-from tests.e2e_harness import City, city_pids  # noqa: E402
+from tests.e2e_harness import City, city_pids, tree_cpu  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 TARGET_P99_S = 1.0
@@ -552,6 +552,8 @@ class Counters:
     messages: float  # MQTT messages received by ingest
     rows: float  # readings rows (one value each) stored by the processor
     lag: float  # the processor's messages behind on the events topic
+    cpu_busy: float  # the machine's CPU seconds not idle (all cores)
+    city_cpu: float  # CPU seconds of the city's workers and servers (process trees)
 
 
 def counters(city: City) -> Counters:
@@ -565,7 +567,10 @@ def counters(city: City) -> Counters:
         m = scrape(s.host, w.port)
         rows += metric_sum(m, "cityops_process_rows_written_total", table="readings")
         lag += metric_sum(m, "cityops_process_consumer_lag")
-    return Counters(time.time(), ev, msg, rows, lag)
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    city_cpu = sum(tree_cpu(pid) for get in city_pids(city).values() if (pid := get()))
+    return Counters(time.time(), ev, msg, rows, lag, busy, city_cpu)
 
 
 def carried(a: Counters, b: Counters) -> dict[str, float]:
@@ -575,7 +580,11 @@ def carried(a: Counters, b: Counters) -> dict[str, float]:
             "sensor_readings_per_s": round((b.events - a.events) / dt, 1),
             "values_per_s": round((b.rows - a.rows) / dt, 1),
             "mqtt_msgs_per_s": round((b.messages - a.messages) / dt, 1),
-            "processor_lag_at_end": b.lag}
+            "processor_lag_at_end": b.lag,
+            # the 2 cores are shared: how busy they were, and how much of it was the city's
+            # (the rest: this script, Chromium, the publisher, and anyone else's work)
+            "machine_cores_busy": round((b.cpu_busy - a.cpu_busy) / dt, 2),
+            "city_cores": round((b.city_cpu - a.city_cpu) / dt, 2)}
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -812,7 +821,8 @@ def _report(args: argparse.Namespace, city: City, fl: Any, run: Run, c0: Counter
     return {
         "benchmark": "incident_latency",
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {**machine(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
+        "machine": {**args.machine_at_start,
+                    "load_avg_1m_at_end": round(os.getloadavg()[0], 2)},
         "path": "panic button MQTT publish -> Mosquitto -> ingest -> Kafka events -> alerts "
                 "(rule, alert + incident in one PostgreSQL transaction) -> Kafka incidents -> "
                 "cityops console (feed, SSE) -> EventSource in headless Chromium",
@@ -910,6 +920,8 @@ def table(r: dict[str, Any]) -> str:
               f"background load during the measurement: {bl['sensor_readings_per_s']:,.0f} "
               f"sensor readings/s ({bl['values_per_s']:,.0f} values/s, "
               f"{bl['mqtt_msgs_per_s']:,.0f} MQTT msg/s) over {bl['seconds']} s; "
+              f"cores busy {bl['machine_cores_busy']} of {os.cpu_count()}, the city's "
+              f"{bl['city_cores']}; "
               f">= {TARGET_READINGS_PER_S:,.0f}: "
               f"{'yes' if r['background_load']['target_reached'] else 'NO'}",
               f"new incidents: {r['new_incidents']['how']}",
@@ -989,7 +1001,8 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
-    other = psutil.cpu_percent(interval=1.0)
+    args.machine_at_start = {**machine(),
+                             "cpu_percent_at_start": psutil.cpu_percent(interval=1.0)}
     work = Path(tempfile.mkdtemp(prefix="cityops-bench-incident-"))
     work.chmod(0o755)  # the servers drop to their own users and read the fleet file
     try:
@@ -1002,7 +1015,6 @@ def main() -> None:
         result = asyncio.run(main_async(args, city, fleet, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["machine"]["cpu_percent_before_start"] = other
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"{args.out}.json"
     out.write_text(json.dumps(result, indent=1) + "\n")
