@@ -719,13 +719,15 @@ async def measure(city: City, args: argparse.Namespace, fleet: Path, work: Path,
 
 
 async def _page_stats(page: Any, presses: list[Press], until: float) -> dict[str, Any]:
-    """What the page had to do besides our listener: its alert list, and the long tasks
-    (main thread busy > 50 ms, during which no event handler runs) while we measured."""
-    items = await page.locator("li.alert").count()
+    """What the page had to do besides our listener: its incident list, the map's sensors,
+    and the long tasks (main thread busy > 50 ms, during which no event handler runs) while
+    we measured."""
+    items = await page.locator("li[data-incident-id]").count()
     longtasks = await page.evaluate("() => window.__bench.longtasks")
     frames = await page.evaluate("() => window.__bench.frames")
-    out: dict[str, Any] = {"alert_list_items_at_end": items,
-                           "map_sensor_elements": await page.locator("#map [data-sensor]").count()}
+    drawn = await page.evaluate("() => document.getElementById('map')?.dataset.map ?? null")
+    out: dict[str, Any] = {"incident_list_items_at_end": items,
+                           "map": drawn}  # "city" (MapLibre), "svg" (no WebGL) or "none"
     start = min((p.published for p in presses), default=until) * 1000
     if frames is not None:
         out["long_animation_frames"] = frame_summary(
