@@ -933,7 +933,8 @@ def table(r: dict[str, Any]) -> str:
     if isinstance(lt, dict):
         lines.append(f"page main thread: {lt['count']} long tasks, busy {lt['busy_share']:.0%} "
                      f"of the measurement, longest {lt['longest_ms']:.0f} ms "
-                     f"({page.get('map_sensor_elements', '?')} sensors on the map)")
+                     f"({page.get('incident_list_items_at_end', '?')} list items, "
+                     f"{page.get('map', '?')} map)")
     if isinstance(laf, dict) and laf.get("scripts_ms"):
         what, ms = next(iter(laf["scripts_ms"].items()))
         lines.append(f"  long frames {laf['total_ms']:.0f} ms, of it style+layout "
