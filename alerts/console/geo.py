@@ -89,6 +89,8 @@ def render_map(fleet: Fleet | None, view: str = "city") -> str:
            '<rect class="water-bg" x="0" y="0" width="100%" height="100%"/>',
            '<g class="districts">']
     for code, poly in district_cells(proj).items():
+        if len(poly) < 3:  # outside this view: no path (an empty one is an SVG error)
+            continue
         d = next(x for x in DISTRICTS if x.code == code)
         out.append(f'<path class="district" data-district="{code}" d="{_path(poly)}">'
                    f'<title>{escape(d.name)}</title></path>')

@@ -30,9 +30,7 @@ export async function loadSvg(container, view) {
   try {
     const r = await fetch("/api/map.svg?view=" + encodeURIComponent(view));
     if (!r.ok) return false;
-    // Districts clipped out of the view come as empty paths ("M Z"), which the browser
-    // reports as errors: leave them out.
-    const text = (await r.text()).replace(/<path\b[^>]*\sd="M Z"[^>]*>[\s\S]*?<\/path>/g, "");
+    const text = await r.text();
     container.innerHTML = text;  // our own server's SVG; its labels are escaped there
     if (!container.querySelector("svg")) return false;
     if (serverNames === null) {
