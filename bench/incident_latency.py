@@ -67,7 +67,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -458,15 +458,13 @@ async def open_console(pw: Any, url: str, password: str, home: Path) -> tuple[An
 
 
 # --- the incidents topic, read here (the breakdown's Kafka stamps) -----------------------------
-async def watch_incidents(settings: Settings, seen: dict[str, tuple[float, float]],
-                          ready: asyncio.Event) -> None:
-    """group key -> (record CreateTime, receipt) of the first critical opened/announced
-    change: read the way the console's feed reads it (no group, fetch at once)."""
+async def _tail(settings: Settings, topic: str, ready: asyncio.Event,
+                on_record: Callable[[Any, float], None]) -> None:
+    """Read ``topic`` from its end as the console's feed does (no group, fetch at once),
+    calling ``on_record(record, receipt time)``; ``ready`` once positioned."""
     from aiokafka import AIOKafkaConsumer
 
-    from alerts.incidents.model import decode_incident_change
-
-    c = AIOKafkaConsumer(settings.topics.incidents, bootstrap_servers=settings.kafka_bootstrap,
+    c = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap,
                          auto_offset_reset="latest", enable_auto_commit=False)
     await c.start()
     try:
@@ -479,12 +477,23 @@ async def watch_incidents(settings: Settings, seen: dict[str, tuple[float, float
             t = time.time()
             for msgs in batch.values():
                 for m in msgs:
-                    ch = decode_incident_change(m.value)
-                    if ch.action in ("opened", "announced") and \
-                            ch.incident.severity == "critical":
-                        seen.setdefault(ch.incident.group_key, (m.timestamp / 1000, t))
+                    on_record(m, t)
     finally:
         await c.stop()
+
+
+async def watch_incidents(settings: Settings, seen: dict[str, tuple[float, float]],
+                          ready: asyncio.Event) -> None:
+    """group key -> (record CreateTime, receipt) of the first critical opened/announced
+    change: read the way the console's feed reads it (no group, fetch at once)."""
+    from alerts.incidents.model import decode_incident_change
+
+    def on_record(m: Any, t: float) -> None:
+        ch = decode_incident_change(m.value)
+        if ch.action in ("opened", "announced") and ch.incident.severity == "critical":
+            seen.setdefault(ch.incident.group_key, (m.timestamp / 1000, t))
+
+    await _tail(settings, settings.topics.incidents, ready, on_record)
 
 
 async def watch_events(settings: Settings, sensors: set[str],
@@ -492,30 +501,16 @@ async def watch_events(settings: Settings, sensors: set[str],
     """sensor -> (ingest's receive time, receipt here) of the first panic press of each
     injected button on the events topic, read as soon as it is there (fetch at once, not
     the services' 16 KiB / 500 ms): where the MQTT and ingest legs end."""
-    from aiokafka import AIOKafkaConsumer
-
     from ingest.contract import decode_batches
 
-    c = AIOKafkaConsumer(settings.topics.events, bootstrap_servers=settings.kafka_bootstrap,
-                         auto_offset_reset="latest", enable_auto_commit=False)
-    await c.start()
-    try:
-        await c.seek_to_end()
-        for tp in c.assignment():
-            await c.position(tp)
-        ready.set()
-        while True:
-            batch = await c.getmany(timeout_ms=1000)
-            t = time.time()
-            for msgs in batch.values():
-                for m in msgs:
-                    if b"panic" not in m.value:  # cheap: most records are readings
-                        continue
-                    for inc in decode_batches([m.value]).incidents:
-                        if inc.incident == "panic" and inc.sensor_id in sensors:
-                            seen.setdefault(inc.sensor_id, (inc.receive_time / 1000, t))
-    finally:
-        await c.stop()
+    def on_record(m: Any, t: float) -> None:
+        if b"panic" not in m.value:  # cheap: most records are readings
+            return
+        for inc in decode_batches([m.value]).incidents:
+            if inc.incident == "panic" and inc.sensor_id in sensors:
+                seen.setdefault(inc.sensor_id, (inc.receive_time / 1000, t))
+
+    await _tail(settings, settings.topics.events, ready, on_record)
 
 
 async def watch_sse(url: str, password: str, seen: dict[str, float],

@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from alerts.testing import ConsoleServer
 from cityops.settings import Settings
 from cityops.stack import Stack
-from tests.support import isolated_settings
+from tests.support import free_port, isolated_settings
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -52,3 +53,13 @@ def settings(stack: Stack) -> Settings:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+async def console(settings: Settings) -> AsyncIterator[ConsoleServer]:
+    """The console on the session stack, one per test module (a module that needs other
+    settings, e.g. its own rules file, defines its own ``console``)."""
+    srv = ConsoleServer(settings, free_port())
+    await srv.start()
+    yield srv
+    await srv.stop()

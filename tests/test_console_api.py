@@ -23,7 +23,6 @@ from alerts.model import Signal, SignalKind
 from alerts.store import AlertStore, create_pool
 from alerts.testing import ConsoleServer, now_ms
 from cityops.settings import PROJECT_ROOT, Settings, new_secret
-from tests.support import free_port
 
 RUN = uuid.uuid4().hex[:6]
 PASSWORDS = {"viewer": "viewer-pass-1", "operator": "operator-pass-1",
@@ -34,7 +33,8 @@ def user(role: str) -> str:
     return f"{role}-{RUN}"
 
 
-@pytest.fixture(scope="module")
+# autouse: the users it creates exist before any test logs in (the console fixture is shared)
+@pytest.fixture(scope="module", autouse=True)
 async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     p = await create_pool(settings.pg_dsn)
     for role, pw in PASSWORDS.items():
@@ -42,13 +42,6 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     yield p
     await p.close()
 
-
-@pytest.fixture(scope="module")
-async def console(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[ConsoleServer]:
-    srv = ConsoleServer(settings, free_port())
-    await srv.start()
-    yield srv
-    await srv.stop()
 
 
 async def login(console: ConsoleServer, role: str) -> httpx.AsyncClient:

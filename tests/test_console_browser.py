@@ -26,7 +26,6 @@ from alerts.testing import ConsoleServer, EventProducer, RunningService, make_ev
 from cityops.registry import load_fleet
 from cityops.settings import Settings
 from tests.browser import chromium, sign_in
-from tests.support import free_port
 
 pytestmark = pytest.mark.browser
 RUN = uuid.uuid4().hex[:6]
@@ -37,7 +36,8 @@ FLEET = load_fleet(Settings().fleet_file)
 JAM = next(s for s in FLEET if s.landmark == "street_30_4" and s.domain == "traffic")
 
 
-@pytest.fixture(scope="module")
+# autouse: the users it creates exist before any test logs in (the console fixture is shared)
+@pytest.fixture(scope="module", autouse=True)
 async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     p = await create_pool(settings.pg_dsn)
     for role, name in USERS.items():
@@ -45,13 +45,6 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     yield p
     await p.close()
 
-
-@pytest.fixture(scope="module")
-async def console(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[ConsoleServer]:
-    srv = ConsoleServer(settings, free_port())
-    await srv.start()
-    yield srv
-    await srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from cityops.city import LANDMARKS
 from cityops.registry import Sensor, load_fleet
 from cityops.settings import PROJECT_ROOT, Settings
 from processors.testing import seed_readings
-from tests.support import CHROMIUM, CHROMIUM_ARGS, free_port
+from tests.support import CHROMIUM, CHROMIUM_ARGS
 
 RUN = uuid.uuid4().hex[:6]
 PASSWORD = "map-pass-1"
@@ -50,7 +50,8 @@ COLORS = {"critical": (0xD3, 0x2F, 0x2F), "major": (0xEF, 0x6C, 0x00)}
 
 
 # --- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+# autouse: the users it creates exist before any test logs in (the console fixture is shared)
+@pytest.fixture(scope="module", autouse=True)
 async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     p = await create_pool(settings.pg_dsn)
     await create_user(p, VIEWER, PASSWORD, "viewer")
@@ -58,13 +59,6 @@ async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     yield p
     await p.close()
 
-
-@pytest.fixture(scope="module")
-async def console(settings: Settings, pool: asyncpg.Pool) -> AsyncIterator[ConsoleServer]:
-    srv = ConsoleServer(settings, free_port())
-    await srv.start()
-    yield srv
-    await srv.stop()
 
 
 @pytest.fixture(scope="module")
