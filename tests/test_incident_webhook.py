@@ -147,9 +147,11 @@ def hook_settings(settings: Settings, url: str, **changes: Any) -> Settings:
 async def new_incident(pool: asyncpg.Pool, severity: str = "critical") -> Incident:
     key = f"{RULE}|landmark={uuid.uuid4().hex[:8]}"
     title = f"Test incident {key}"
+    # announced already, as the store leaves it when it enqueues: an alerts service running
+    # in the same database (its incidents' clock) must not announce it a second time
     row = await pool.fetchrow(
-        "insert into alert_incidents (group_key, rule_id, severity, title, district) "
-        "values ($1, $2, $3, $4, 'ninh_kieu') "
+        "insert into alert_incidents (group_key, rule_id, severity, title, district, "
+        " announced_at, announced_severity) values ($1, $2, $3, $4, 'ninh_kieu', now(), $3) "
         "returning incident_id, (extract(epoch from created_at) * 1000)::bigint as t",
         key, RULE, severity, title)
     t = row["t"]
