@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Playwright, async_playwright
 
 from alerts.testing import ConsoleServer
 from cityops.settings import Settings
@@ -63,3 +64,10 @@ async def console(settings: Settings) -> AsyncIterator[ConsoleServer]:
     await srv.start()
     yield srv
     await srv.stop()
+
+
+@pytest.fixture(scope="module")
+async def playwright() -> AsyncIterator[Playwright]:
+    """Playwright for the browser test modules (Chromium itself: tests/browser.py)."""
+    async with async_playwright() as p:
+        yield p

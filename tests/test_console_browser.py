@@ -18,7 +18,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from playwright.async_api import BrowserContext, Playwright, async_playwright, expect
+from playwright.async_api import BrowserContext, Playwright, expect
 
 from alerts.console.auth import create_user
 from alerts.store import create_pool
@@ -67,12 +67,6 @@ rules:
     await svc.start()
     yield
     await svc.stop()
-
-
-@pytest.fixture(scope="module")
-async def playwright() -> AsyncIterator[Playwright]:
-    async with async_playwright() as p:
-        yield p
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from playwright.async_api import BrowserContext, Page, Playwright, async_playwright, expect
+from playwright.async_api import BrowserContext, Page, Playwright, expect
 
 from alerts.console.auth import create_user
 from alerts.store import create_pool
@@ -126,12 +126,6 @@ async def alerts_service(settings: Settings, rules_file: Path) -> AsyncIterator[
     await svc.start()
     yield
     await svc.stop()
-
-
-@pytest.fixture(scope="module")
-async def playwright() -> AsyncIterator[Playwright]:
-    async with async_playwright() as p:
-        yield p
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 import httpx
 import pytest
-from playwright.async_api import BrowserContext, Page, Playwright, async_playwright, expect
+from playwright.async_api import BrowserContext, Page, Playwright, expect
 
 from alerts.console.auth import create_user
 from alerts.console.mapdata import SensorCollection
@@ -79,12 +79,6 @@ async def map_alerts(pool: asyncpg.Pool) -> AsyncIterator[dict[str, str]]:
            CRITICAL.sensor_id: "critical"}
     await pool.execute("update alerts set state = 'cleared', cleared_at = now() "
                        "where alert_id = any($1::bigint[])", [c.alert.alert_id for c in changes])
-
-
-@pytest.fixture(scope="module")
-async def playwright() -> AsyncIterator[Playwright]:
-    async with async_playwright() as p:
-        yield p
 
 
 @contextlib.asynccontextmanager
